@@ -1,0 +1,1 @@
+"""hostmeter billing: catalog, conversion rules, invoices and reruns."""

@@ -1,0 +1,1 @@
+"""hostmeter jobs: the CLI, job runner, schedules, logging, demo and benchmarks."""

@@ -1,0 +1,378 @@
+"""The ``hostmeter`` command line.
+
+Exit codes: ``0`` done, ``1`` the work failed or was partial (or the database is unreachable),
+``2`` bad usage or bad input. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any, BinaryIO, NoReturn
+
+import click
+from sqlalchemy.engine import Engine
+
+from jobs import registry, snapshot_usage
+from jobs._logging import configure_logging
+from jobs.console import err, out, print_table, progress
+from jobs.errors import JobError, UnknownJob
+from jobs.runtime import JobContext, JobResult, run_job
+from metering import db
+from metering.errors import (
+    ConfigError,
+    DatabaseError,
+    InvalidBatch,
+    InvalidRecord,
+    InvalidWindow,
+    MeteringError,
+)
+from metering.ingest import IngestSummary, ingest_lines
+from metering.settings import Settings
+from metering.timeutil import month_bounds, parse_instant, previous_period
+
+__all__ = ["cli", "main"]
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class CliError(click.ClickException):
+    """A one-line error with a chosen exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"hostmeter: error: {self.format_message()}", err=True)
+
+
+def fail(message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
+    raise CliError(message, exit_code)
+
+
+def _translate(exc: Exception) -> CliError:
+    if isinstance(exc, InvalidWindow | InvalidRecord | InvalidBatch | ConfigError | UnknownJob):
+        return CliError(str(exc), EXIT_BAD_INPUT)
+    if isinstance(exc, MeteringError | JobError):
+        return CliError(str(exc), EXIT_FAILED)
+    raise exc
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (MeteringError, JobError) as exc:
+            raise _translate(exc) from exc
+
+
+@dataclasses.dataclass
+class _State:
+    settings: Settings
+    _engine: Engine | None = None
+
+    def engine(self, *, schema: bool = True) -> Engine:
+        if self._engine is None:
+            self._engine = db.create_engine(self.settings.database_url)
+        if schema:
+            db.ensure_schema(self._engine)
+        return self._engine
+
+
+def _state() -> _State:
+    return click.get_current_context().find_object(_State)  # type: ignore[return-value]
+
+
+def _at(value: str | None, what: str = "--at") -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    return parse_instant(value, what=what)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--database-url",
+    envvar="HOSTMETER_DATABASE_URL",
+    default=None,
+    metavar="URL",
+    help="Database (default sqlite:///hostmeter.db; env HOSTMETER_DATABASE_URL). "
+    "Production: postgresql+psycopg://user@host/db.",
+)
+@click.version_option(package_name="hostmeter")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None) -> None:
+    """hostmeter: usage metering and billing for host-based monitoring SaaS.
+
+    Usage is recorded as metrics are posted (ingest), snapshotted every hour
+    (snapshot-usage) and averaged over each month into billable host units.
+    Start with `hostmeter demo`.
+    """
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
+    if database_url:
+        settings = dataclasses.replace(settings, database_url=database_url)
+    ctx.obj = _State(settings=settings)
+    configure_logging(settings.log_dir, stderr_level="warning" if sys.stderr.isatty() else "info")
+
+
+# --- db ------------------------------------------------------------------------------------
+
+
+@cli.group(cls=_Group)
+def db_group() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+cli.add_command(db_group, name="db")
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (alembic upgrade head)."""
+    state = _state()
+    engine = state.engine(schema=False)
+    db.check_connection(engine)
+    before = db.current_revision(engine)
+    db.upgrade(engine, revision)
+    after = db.current_revision(engine)
+    url = db.redact_url(state.settings.database_url)
+    if before == after:
+        out.print(f"{url}: schema already at {after}")
+    else:
+        out.print(f"{url}: schema upgraded {before or 'empty'} → {after}")
+
+
+@db_group.command("current")
+def db_current() -> None:
+    """Show the schema revision of the database and the one this hostmeter needs."""
+    state = _state()
+    engine = state.engine(schema=False)
+    db.check_connection(engine)
+    current, head = db.current_revision(engine), db.head_revision()
+    status = "up to date" if current == head else "run `hostmeter db upgrade`"
+    out.print(f"database: {current or 'empty'}  code: {head}  ({status})")
+
+
+# --- ingest --------------------------------------------------------------------------------
+
+
+def _binary_lines(stream: BinaryIO, update: Any, size: int | None) -> Iterator[bytes]:
+    done = 0
+    for i, raw in enumerate(stream, start=1):
+        done += len(raw)
+        if size and i % 2000 == 0:
+            update(done, size)
+        yield raw
+    if size:
+        update(size, size)
+
+
+@cli.command()
+@click.argument("source", metavar="FILE|-")
+@click.option("--skip-invalid", is_flag=True,
+              help="Load the good lines and report the bad ones (default: reject the whole file).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
+    """Record usage from JSON Lines (schema v1); FILE or - for stdin.
+
+    \b
+    Record types (one JSON object per line):
+      {"type":"plan","tenant":"acme","plan":"standard","at":"2026-10-15T00:00:00+09:00"}
+      {"type":"host_post","tenant":"acme","host":"h-1","kind":"standard",
+       "at":"2026-10-15T10:03:00Z","metrics":["loadavg5","cpu.user"]}
+      {"type":"service_post","tenant":"acme","service":"web","at":"…","metrics":["req.count"]}
+      {"type":"monitor","tenant":"acme","monitor":"m-1","at":"…","state":"created|deleted"}
+      {"type":"anomaly_role","tenant":"acme","role":"web:app","at":"…","enabled":true}
+      {"type":"role_member","tenant":"acme","role":"web:app","host":"h-1","at":"…","member":true}
+
+    Loading the same records again changes nothing. By default one bad line
+    rejects the whole input and nothing is written.
+    """
+    engine = _state().engine()
+    if source == "-":
+        stream: BinaryIO = sys.stdin.buffer
+        size = None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            fail(f"{source}: no such file", EXIT_BAD_INPUT)
+        stream = path.open("rb")
+        size = path.stat().st_size
+    try:
+        with progress(f"ingest {source}", size) as update:
+            summary = ingest_lines(
+                engine, _binary_lines(stream, update, size), skip_invalid=skip_invalid
+            )
+    except InvalidBatch as exc:
+        for e in exc.errors[:5]:
+            err.print(f"  {e}", markup=False)
+        if exc.count > 5:
+            err.print(f"  … and {exc.count - 5} more", markup=False)
+        fail(f"{source}: {exc}", EXIT_BAD_INPUT)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    _print_ingest(summary, fmt)
+
+
+def _print_ingest(summary: IngestSummary, fmt: str) -> None:
+    data = summary.as_dict()
+    if fmt == "json":
+        data["errors"] = [
+            {"line": e.line, "field": e.field, "message": e.message} for e in summary.errors
+        ]
+        click.echo(json.dumps(data))
+        return
+    print_table("ingest", ["records", "tenants", "hosts", "hours", "rows written", "rejected"],
+                [[data["records"], data["tenants"], data["hosts"], data["hours"],
+                  data["rows_written"], data["rejected"]]],
+                right=["records", "tenants", "hosts", "hours", "rows written", "rejected"])
+    if summary.rejected:
+        err.print(f"skipped {summary.rejected} invalid line(s); the first ones:", markup=False)
+        for e in summary.errors[:5]:
+            err.print(f"  {e}", markup=False)
+
+
+# --- run / backfill ------------------------------------------------------------------------
+
+
+def _finish(result: JobResult, fmt: str = "table") -> None:
+    if fmt == "json":
+        click.echo(json.dumps({
+            "job": result.job, "run_id": result.run_id,
+            "logical_time": result.logical_time.isoformat(), "status": result.status,
+            "duration_s": result.duration_s, "counts": result.counts, "error": result.error,
+        }, default=str))
+    else:
+        counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
+        out.print(f"{result.job} {result.status} in {result.duration_s:.2f}s: {counts}",
+                  markup=False)
+    if not result.ok:
+        fail(f"{result.job} {result.status}: {result.error or 'see logs'}", EXIT_FAILED)
+
+
+@cli.command("run")
+@click.argument("job")
+@click.option("--at", "at", metavar="ISO8601",
+              help="Logical (scheduled) time, e.g. <aws.scheduler.scheduled-time>. Default: now.")
+@click.option("--lookback", type=click.IntRange(0, 48), default=snapshot_usage.DEFAULT_LOOKBACK,
+              show_default=True, help="snapshot-usage: earlier hours to re-snapshot.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def run_cmd(job: str, at: str | None, lookback: int, fmt: str) -> None:
+    """Run JOB once for the logical time --at.
+
+    \b
+    Jobs:
+      snapshot-usage  the full hour before --at plus --lookback earlier hours
+    """
+    spec = registry.get(job)
+    logical = _at(at)
+    engine = _state().engine()
+    ctx = JobContext(engine=engine, settings=_state().settings)
+    _finish(run_job(spec.name, spec.run, ctx, logical, lookback=lookback), fmt)
+
+
+@cli.command()
+@click.argument("job")
+@click.option("--from", "start", required=True, metavar="ISO8601", help="First hour (inclusive).")
+@click.option("--to", "end", required=True, metavar="ISO8601", help="End (exclusive).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def backfill(job: str, start: str, end: str, fmt: str) -> None:
+    """Run JOB for every hour in [--from, --to) (snapshot-usage)."""
+    spec = registry.get(job)
+    if spec.name != "snapshot-usage":
+        fail(f"job {job!r} has no hourly backfill (only snapshot-usage)", EXIT_BAD_INPUT)
+    a, b = _at(start, "--from"), _at(end, "--to")
+    if b <= a:
+        fail(f"--to {end} must be after --from {start}", EXIT_BAD_INPUT)
+    hours = snapshot_usage.backfill_hours(a, b)
+    engine = _state().engine()
+    with progress("snapshot-usage", len(hours)) as update:
+        ctx = JobContext(engine=engine, settings=_state().settings, trigger="backfill",
+                         progress=update)
+        result = run_job(spec.name, spec.run, ctx, a, hours=hours)
+    _finish(result, fmt)
+
+
+# --- demo ----------------------------------------------------------------------------------
+
+
+def _avg(total: int, hours: int) -> str:
+    """An hour sum's monthly average, for display only (billing keeps the exact fraction)."""
+    return str((Decimal(total) / Decimal(hours)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+@cli.command()
+@click.option("--seed", type=int, default=1, show_default=True, help="Another seed, another fleet.")
+@click.option("--period", metavar="YYYY-MM",
+              help="Month to generate (default: the previous full month in the billing zone).")
+@click.option("--tenants", type=click.IntRange(12, 5000), default=36, show_default=True)
+def demo(seed: int, period: str | None, tenants: int) -> None:
+    """Generate a synthetic fleet, snapshot a month of hours, print per-tenant usage."""
+    from jobs.demo import run_demo
+
+    state = _state()
+    settings = state.settings
+    period = period or previous_period(datetime.now(UTC), settings.zone)
+    month_bounds(period, settings.zone)  # validates the period before touching the database
+    engine = state.engine()
+    out.print(f"hostmeter demo: {tenants} tenants, period {period} ({settings.billing_tz}), "
+              f"database {db.redact_url(settings.database_url)}", markup=False)
+    with progress("record usage", tenants) as ingest_update:
+        with progress("snapshot hours", None) as snap_update:
+            ctx = JobContext(engine=engine, settings=settings, trigger="manual",
+                             progress=snap_update)
+            result = run_demo(ctx, period, seed=seed, tenants=tenants,
+                              ingest_progress=ingest_update)
+    n = result.hours_in_month
+    shapes = {t.key: t.shape for t in result.fleet}
+    rows = []
+    for u in result.usage:
+        rows.append([
+            u.tenant, shapes.get(u.tenant, ""), u.main_plan, u.standard_hours,
+            _avg(u.standard_host_hours, n), _avg(u.micro_host_hours, n),
+            _avg(u.standard_overage, n), _avg(u.micro_overage, n),
+            _avg(u.service_metrics, n), _avg(u.monitors, n),
+        ])
+    print_table(
+        f"usage {period}: averages over all {n} hours of the month",
+        ["tenant", "shape", "plan", "paid h", "std hosts", "micro hosts", "std overage",
+         "micro overage", "svc metrics", "monitors"],
+        rows,
+        right=["paid h", "std hosts", "micro hosts", "std overage", "micro overage",
+               "svc metrics", "monitors"],
+    )
+    s = result.ingest
+    out.print(
+        f"recorded {s.records} records ({s.written_rows} rows written) for {len(s.tenants)} "
+        f"tenants, {len(s.hosts)} hosts; snapshotted {result.snapshot.counts.get('hours', 0)} "
+        f"hours in {result.snapshot.duration_s:.1f}s; coverage {result.covered_hours}/{n} hours",
+        markup=False,
+    )
+    if not result.snapshot.ok:
+        fail(f"snapshot-usage {result.snapshot.status}: {result.snapshot.error}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli.main(prog_name="hostmeter")
+    except MeteringError as exc:  # raised outside a command (e.g. settings)
+        click.echo(f"hostmeter: error: {exc}", err=True)
+        sys.exit(_translate(exc).exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""hostmeter metering: recording usage (ingest) and hourly usage snapshots."""

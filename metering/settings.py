@@ -1,0 +1,52 @@
+"""Settings read from the environment, once, into a frozen value.
+
+| variable                 | default                  | meaning                                  |
+|--------------------------|--------------------------|------------------------------------------|
+| HOSTMETER_DATABASE_URL   | ``sqlite:///hostmeter.db`` | where usage, snapshots and invoices live |
+| HOSTMETER_BILLING_TZ     | ``Asia/Tokyo``           | the zone whose calendar months are billed |
+| HOSTMETER_LOG_DIR        | ``logs``                 | JSON log files (also written to stderr)  |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from metering.errors import ConfigError
+
+__all__ = ["DEFAULT_DATABASE_URL", "Settings"]
+
+DEFAULT_DATABASE_URL = "sqlite:///hostmeter.db"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Process-wide settings."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    billing_tz: str = "Asia/Tokyo"
+    log_dir: str = "logs"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.billing_tz)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        settings = cls(
+            database_url=env.get("HOSTMETER_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            billing_tz=env.get("HOSTMETER_BILLING_TZ") or "Asia/Tokyo",
+            log_dir=env.get("HOSTMETER_LOG_DIR") or "logs",
+        )
+        try:
+            ZoneInfo(settings.billing_tz)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(
+                f"HOSTMETER_BILLING_TZ={settings.billing_tz!r} is not an IANA time zone "
+                "(for example Asia/Tokyo or UTC)",
+                setting="HOSTMETER_BILLING_TZ",
+            ) from exc
+        return settings
