@@ -146,12 +146,30 @@ def _insert(conn: Connection, table: sa.Table) -> Any:
     raise DatabaseError(f"unsupported database backend {name!r} (use SQLite or PostgreSQL)")
 
 
+_ROWS_PER_STATEMENT = 500  # multi-row VALUES, well under SQLite's bound-parameter limit
+
+
+def _execute_values(conn: Connection, stmt: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Run ``stmt`` as multi-row ``VALUES`` statements; returns the rows it really changed."""
+    changed = 0
+    for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+        result = conn.execute(stmt.values(list(rows[i : i + _ROWS_PER_STATEMENT])))
+        changed += max(result.rowcount, 0)
+    return changed
+
+
 def insert_ignore(
     conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]], *, key: Sequence[str]
-) -> None:
-    """Insert ``rows``, silently keeping the existing row where ``key`` already exists."""
-    if rows:
-        conn.execute(_insert(conn, table).on_conflict_do_nothing(index_elements=list(key)), rows)
+) -> int:
+    """Insert ``rows``, keeping the existing row where ``key`` already exists.
+
+    Returns the number of rows inserted.
+    """
+    if not rows:
+        return 0
+    return _execute_values(
+        conn, _insert(conn, table).on_conflict_do_nothing(index_elements=list(key)), rows
+    )
 
 
 def upsert(
@@ -161,15 +179,27 @@ def upsert(
     *,
     key: Sequence[str],
     update: Iterable[str],
-) -> None:
-    """Insert ``rows``; where ``key`` exists, overwrite the ``update`` columns."""
+    only_if_changed: bool = False,
+) -> int:
+    """Insert ``rows``; where ``key`` exists, overwrite the ``update`` columns.
+
+    With ``only_if_changed`` an existing row whose ``update`` columns already hold the new values
+    is left alone (and not counted). Returns the number of rows inserted or updated.
+    """
     if not rows:
-        return
+        return 0
+    columns = list(update)
     stmt = _insert(conn, table)
+    where = None
+    if only_if_changed:
+        where = sa.or_(*[table.c[c].is_distinct_from(stmt.excluded[c]) for c in columns])
     stmt = stmt.on_conflict_do_update(
-        index_elements=list(key), set_={c: stmt.excluded[c] for c in update}
+        index_elements=list(key), set_={c: stmt.excluded[c] for c in columns}, where=where
     )
-    conn.execute(stmt, rows)
+    if only_if_changed:
+        return _execute_values(conn, stmt, rows)
+    conn.execute(stmt, rows)  # executemany: every row is written, so every row counts
+    return len(rows)
 
 
 # --- schema -------------------------------------------------------------------------------

@@ -203,26 +203,27 @@ class _Writer:
 
         self._merge_host_hours(host_acc)
         self._merge_service_hours(service_acc)
-        upsert(
+        s.written_rows += upsert(
             self.conn,
             m.plan_changes,
             [{"tenant_id": t, "at": at, "plan": p} for (t, at), p in plans.items()],
             key=["tenant_id", "at"],
             update=["plan"],
+            only_if_changed=True,
         )
-        insert_ignore(
+        s.written_rows += insert_ignore(
             self.conn,
             m.monitor_events,
             [{"tenant_id": t, "monitor": k, "at": at, "present": v} for t, k, at, v in monitors],
             key=["tenant_id", "monitor", "at", "present"],
         )
-        insert_ignore(
+        s.written_rows += insert_ignore(
             self.conn,
             m.role_events,
             [{"tenant_id": t, "role": k, "at": at, "enabled": v} for t, k, at, v in roles],
             key=["tenant_id", "role", "at", "enabled"],
         )
-        insert_ignore(
+        s.written_rows += insert_ignore(
             self.conn,
             m.role_member_events,
             [
@@ -231,7 +232,6 @@ class _Writer:
             ],
             key=["tenant_id", "role", "host_id", "at", "member"],
         )
-        s.written_rows += len(plans) + len(monitors) + len(roles) + len(members)
 
     def _merge_host_hours(self, acc: dict[tuple[int, datetime], list[Any]]) -> None:
         if not acc:

@@ -1,0 +1,131 @@
+"""The schema, migrations and the small database core, on every backend."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from metering import db
+from metering import models as m
+from metering.errors import ConfigError, DatabaseError, SchemaOutOfDate
+from metering.settings import Settings
+
+
+def test_upgrade_check_downgrade_upgrade(empty_db_url: str) -> None:
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    engine = db.create_engine(empty_db_url)
+    db.upgrade(engine)
+    assert db.current_revision(engine) == db.head_revision()
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), db.metadata)
+    assert diff == [], f"models and migrations disagree: {diff}"
+
+    with engine.begin() as conn:
+        command.downgrade(db.alembic_config(connection=conn), "base")
+    assert "usage_snapshots" not in sa.inspect(engine).get_table_names()
+    db.upgrade(engine)
+    assert "usage_snapshots" in sa.inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_constraints_have_stable_names(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    insp = sa.inspect(engine)
+    assert insp.get_pk_constraint("host_hours")["name"] == "pk_host_hours"
+    uniques = {u["name"] for u in insp.get_unique_constraints("hosts")}
+    assert "uq_hosts_tenant_id_key" in uniques
+    engine.dispose()
+
+
+def test_ensure_schema_upgrades_an_empty_database(empty_db_url: str) -> None:
+    engine = db.create_engine(empty_db_url)
+    db.ensure_schema(engine)
+    assert db.current_revision(engine) == db.head_revision()
+    engine.dispose()
+
+
+def test_ensure_schema_refuses_to_migrate_an_old_schema_when_not_allowed(
+    empty_db_url: str,
+) -> None:
+    engine = db.create_engine(empty_db_url)
+    with engine.begin() as conn:  # a database stamped at an older revision than head
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('0000')")
+    with pytest.raises(SchemaOutOfDate, match="run `hostmeter db upgrade`"):
+        db.ensure_schema(engine, auto_upgrade=False)
+    engine.dispose()
+
+
+def test_postgresql_with_an_old_schema_is_not_migrated_implicitly(
+    empty_db_url: str, backend: str
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("the implicit rule differs on the embedded SQLite file (it upgrades)")
+    engine = db.create_engine(empty_db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('0000')")
+    with pytest.raises(SchemaOutOfDate, match="hostmeter db upgrade"):
+        db.ensure_schema(engine)
+    engine.dispose()
+
+
+def test_unreachable_database_is_one_clear_error() -> None:
+    engine = db.create_engine("postgresql+psycopg://hm:s3cret@127.0.0.1:1/nope")
+    with pytest.raises(DatabaseError) as info:
+        db.ensure_schema(engine)
+    message = str(info.value)
+    assert "cannot connect" in message and "\n" not in message
+    assert "s3cret" not in message
+
+
+def test_sqlite_in_a_missing_directory_is_one_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(DatabaseError, match="does not exist"):
+        db.create_engine(f"sqlite:///{tmp_path}/no/such/dir/h.db")
+
+
+def test_redact_url_hides_the_password() -> None:
+    assert "s3cret" not in db.redact_url("postgresql+psycopg://u:s3cret@h/db")
+    assert "***" in db.redact_url("postgresql+psycopg://u:s3cret@h/db")
+
+
+def test_instants_round_trip_as_aware_utc(engine: sa.Engine) -> None:
+    tokyo = timezone(timedelta(hours=9))
+    at = datetime(2026, 10, 15, 0, 0, tzinfo=tokyo)
+    with engine.begin() as conn:
+        tid = conn.execute(sa.insert(m.tenants).values(key="acme").returning(m.tenants.c.id))
+        tenant_id = tid.scalar_one()
+        conn.execute(sa.insert(m.plan_changes).values(tenant_id=tenant_id, at=at, plan="standard"))
+        stored = conn.execute(sa.select(m.plan_changes.c.at)).scalar_one()
+        hit = conn.execute(
+            sa.select(sa.func.count()).where(m.plan_changes.c.at == datetime(2026, 10, 14, 15,
+                                                                              tzinfo=UTC))
+        ).scalar_one()
+    assert stored == at and stored.tzinfo is not None and stored.utcoffset() == timedelta(0)
+    assert hit == 1
+
+
+def test_naive_datetimes_are_refused(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        tenant_id = conn.execute(
+            sa.insert(m.tenants).values(key="acme").returning(m.tenants.c.id)
+        ).scalar_one()
+        with pytest.raises(sa.exc.StatementError, match="naive"):
+            conn.execute(sa.insert(m.plan_changes).values(
+                tenant_id=tenant_id, at=datetime(2026, 10, 1), plan="standard"))
+
+
+def test_settings_from_environment() -> None:
+    s = Settings.from_env({"HOSTMETER_DATABASE_URL": "sqlite:///x.db",
+                           "HOSTMETER_BILLING_TZ": "UTC", "HOSTMETER_LOG_DIR": "/tmp/l"})
+    assert (s.database_url, s.billing_tz, s.log_dir) == ("sqlite:///x.db", "UTC", "/tmp/l")
+    d = Settings.from_env({})
+    assert (d.database_url, d.billing_tz, d.log_dir) == (
+        "sqlite:///hostmeter.db", "Asia/Tokyo", "logs")
+    with pytest.raises(ConfigError, match="HOSTMETER_BILLING_TZ"):
+        Settings.from_env({"HOSTMETER_BILLING_TZ": "Mars/Olympus"})
