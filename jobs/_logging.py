@@ -20,7 +20,9 @@ __all__ = ["configure_logging", "redact_secrets"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _SECRET_KEYS = re.compile(r"(api[_-]?key|password|passwd|secret|token|authorization)", re.I)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]+)@", re.I)
+_URL_PASSWORD = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]+)@", re.I
+)
 
 
 def _scrub(value: Any) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -27,7 +26,6 @@ from jobs.runtime import JobContext, JobResult, run_job
 from metering import db
 from metering.errors import (
     ConfigError,
-    DatabaseError,
     InvalidBatch,
     InvalidRecord,
     InvalidWindow,
@@ -43,22 +41,31 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
-class CliError(click.ClickException):
-    """A one-line error with a chosen exit code."""
+class _Failed(click.ClickException):
+    """The work failed: one line on stderr, exit code 1."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EXIT_FAILED
 
     def show(self, file: Any = None) -> None:
         click.echo(f"hostmeter: error: {self.format_message()}", err=True)
+
+
+class _BadInput(_Failed):
+    """Bad usage or input: one line on stderr, exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def CliError(message: str, exit_code: int) -> click.ClickException:
+    """A one-line error that exits with ``exit_code``."""
+    return _BadInput(message) if exit_code == EXIT_BAD_INPUT else _Failed(message)
 
 
 def fail(message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
     raise CliError(message, exit_code)
 
 
-def _translate(exc: Exception) -> CliError:
+def _translate(exc: Exception) -> click.ClickException:
     if isinstance(exc, InvalidWindow | InvalidRecord | InvalidBatch | ConfigError | UnknownJob):
         return CliError(str(exc), EXIT_BAD_INPUT)
     if isinstance(exc, MeteringError | JobError):
@@ -330,12 +337,13 @@ def demo(seed: int, period: str | None, tenants: int) -> None:
     engine = state.engine()
     out.print(f"hostmeter demo: {tenants} tenants, period {period} ({settings.billing_tz}), "
               f"database {db.redact_url(settings.database_url)}", markup=False)
-    with progress("record usage", tenants) as ingest_update:
-        with progress("snapshot hours", None) as snap_update:
-            ctx = JobContext(engine=engine, settings=settings, trigger="manual",
-                             progress=snap_update)
-            result = run_demo(ctx, period, seed=seed, tenants=tenants,
-                              ingest_progress=ingest_update)
+    with (
+        progress("record usage", tenants) as ingest_update,
+        progress("snapshot hours", None) as snap_update,
+    ):
+        ctx = JobContext(engine=engine, settings=settings, trigger="manual",
+                         progress=snap_update)
+        result = run_demo(ctx, period, seed=seed, tenants=tenants, ingest_progress=ingest_update)
     n = result.hours_in_month
     shapes = {t.key: t.shape for t in result.fleet}
     rows = []

@@ -45,7 +45,11 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int, int
     The callback takes ``(completed, total)``.
     """
     if not sys.stderr.isatty():
-        yield lambda _done, _total=None: None
+
+        def ignore(done: int, new_total: int | None = None) -> None:
+            return None
+
+        yield ignore
         return
     bar = Progress(
         TextColumn("[bold]{task.description}"),

@@ -29,11 +29,12 @@ from metering.timeutil import HOUR, hours_between, month_bounds
 __all__ = ["FleetHost", "FleetTenant", "demo_fleet", "metric_names"]
 
 _REAL = (
-    "loadavg1 loadavg5 loadavg15 cpu.user.percentage cpu.system.percentage cpu.iowait.percentage "
-    "cpu.idle.percentage memory.used memory.free memory.cached memory.swap_used "
-    "disk.sda.reads.delta disk.sda.writes.delta interface.eth0.rxBytes.delta "
-    "interface.eth0.txBytes.delta filesystem.root.size filesystem.root.used"
-).split()
+    "loadavg1", "loadavg5", "loadavg15", "cpu.user.percentage", "cpu.system.percentage",
+    "cpu.iowait.percentage", "cpu.idle.percentage", "memory.used", "memory.free",
+    "memory.cached", "memory.swap_used", "disk.sda.reads.delta", "disk.sda.writes.delta",
+    "interface.eth0.rxBytes.delta", "interface.eth0.txBytes.delta", "filesystem.root.size",
+    "filesystem.root.used",
+)
 
 
 def metric_names(count: int, prefix: str = "custom.app") -> tuple[str, ...]:
@@ -78,8 +79,8 @@ class FleetTenant:
         for role, members in self.roles:
             first = self.plans[0][0]
             yield AnomalyRole(tenant=self.key, role=role, at=first, enabled=True)
-            for host in members:
-                yield RoleMember(tenant=self.key, role=role, host=host, at=first, member=True)
+            for member in members:
+                yield RoleMember(tenant=self.key, role=role, host=member, at=first, member=True)
         service = metric_names(self.service_metrics, "svc.web") if self.service_metrics else ()
         for host in self.hosts:
             names = metric_names(host.metrics)
@@ -109,7 +110,9 @@ class FleetTenant:
                                   metrics=service)
 
 
-def demo_fleet(period: str, zone: ZoneInfo, *, seed: int = 1, tenants: int = 36) -> list[FleetTenant]:
+def demo_fleet(
+    period: str, zone: ZoneInfo, *, seed: int = 1, tenants: int = 36
+) -> list[FleetTenant]:
     """The demo's tenants for ``period`` (at least the dozen named shapes)."""
     rng = random.Random(seed)
     start, end = month_bounds(period, zone)
