@@ -13,98 +13,38 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO
 
 import click
-from sqlalchemy.engine import Engine
 
 from jobs import registry, snapshot_usage
 from jobs._logging import configure_logging
-from jobs.console import err, out, print_table, progress
-from jobs.errors import JobError, UnknownJob
+from jobs.bench import bench_command
+from jobs.billing_cli import billing_group, print_invoices
+from jobs.clikit import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    CliError,
+    Group,
+    State,
+    current_state,
+    fail,
+    parse_at,
+    translate,
+)
+from jobs.console import out, print_table, progress
 from jobs.runtime import JobContext, JobResult, run_job
 from metering import db
-from metering.errors import (
-    ConfigError,
-    InvalidBatch,
-    InvalidRecord,
-    InvalidWindow,
-    MeteringError,
-)
+from metering.errors import ConfigError, InvalidBatch, MeteringError
 from metering.ingest import IngestSummary, ingest_lines
 from metering.settings import Settings
-from metering.timeutil import month_bounds, parse_instant, previous_period
+from metering.timeutil import month_bounds, previous_period
 
 __all__ = ["cli", "main"]
 
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
 
 
-class _Failed(click.ClickException):
-    """The work failed: one line on stderr, exit code 1."""
-
-    exit_code = EXIT_FAILED
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"hostmeter: error: {self.format_message()}", err=True)
-
-
-class _BadInput(_Failed):
-    """Bad usage or input: one line on stderr, exit code 2."""
-
-    exit_code = EXIT_BAD_INPUT
-
-
-def CliError(message: str, exit_code: int) -> click.ClickException:
-    """A one-line error that exits with ``exit_code``."""
-    return _BadInput(message) if exit_code == EXIT_BAD_INPUT else _Failed(message)
-
-
-def fail(message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
-    raise CliError(message, exit_code)
-
-
-def _translate(exc: Exception) -> click.ClickException:
-    if isinstance(exc, InvalidWindow | InvalidRecord | InvalidBatch | ConfigError | UnknownJob):
-        return CliError(str(exc), EXIT_BAD_INPUT)
-    if isinstance(exc, MeteringError | JobError):
-        return CliError(str(exc), EXIT_FAILED)
-    raise exc
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (MeteringError, JobError) as exc:
-            raise _translate(exc) from exc
-
-
-@dataclasses.dataclass
-class _State:
-    settings: Settings
-    _engine: Engine | None = None
-
-    def engine(self, *, schema: bool = True) -> Engine:
-        if self._engine is None:
-            self._engine = db.create_engine(self.settings.database_url)
-        if schema:
-            db.ensure_schema(self._engine)
-        return self._engine
-
-
-def _state() -> _State:
-    return click.get_current_context().find_object(_State)  # type: ignore[return-value]
-
-
-def _at(value: str | None, what: str = "--at") -> datetime:
-    if value is None:
-        return datetime.now(UTC)
-    return parse_instant(value, what=what)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--database-url",
     envvar="HOSTMETER_DATABASE_URL",
@@ -128,14 +68,14 @@ def cli(ctx: click.Context, database_url: str | None) -> None:
         raise CliError(str(exc), EXIT_BAD_INPUT) from exc
     if database_url:
         settings = dataclasses.replace(settings, database_url=database_url)
-    ctx.obj = _State(settings=settings)
+    ctx.obj = State(settings=settings)
     configure_logging(settings.log_dir, stderr_level="warning" if sys.stderr.isatty() else "info")
 
 
 # --- db ------------------------------------------------------------------------------------
 
 
-@cli.group(cls=_Group)
+@cli.group(cls=Group)
 def db_group() -> None:
     """Database schema (Alembic migrations)."""
 
@@ -147,7 +87,7 @@ cli.add_command(db_group, name="db")
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION (alembic upgrade head)."""
-    state = _state()
+    state = current_state()
     engine = state.engine(schema=False)
     db.check_connection(engine)
     before = db.current_revision(engine)
@@ -163,7 +103,7 @@ def db_upgrade(revision: str) -> None:
 @db_group.command("current")
 def db_current() -> None:
     """Show the schema revision of the database and the one this hostmeter needs."""
-    state = _state()
+    state = current_state()
     engine = state.engine(schema=False)
     db.check_connection(engine)
     current, head = db.current_revision(engine), db.head_revision()
@@ -207,27 +147,29 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
     Loading the same records again changes nothing. By default one bad line
     rejects the whole input and nothing is written.
     """
-    engine = _state().engine()
     if source == "-":
         stream: BinaryIO = sys.stdin.buffer
         size = None
     else:
         path = Path(source)
-        if not path.is_file():
+        if not path.is_file():  # bad input is reported before the database is touched
             fail(f"{source}: no such file", EXIT_BAD_INPUT)
         stream = path.open("rb")
         size = path.stat().st_size
     try:
+        engine = current_state().engine()
         with progress(f"ingest {source}", size) as update:
             summary = ingest_lines(
                 engine, _binary_lines(stream, update, size), skip_invalid=skip_invalid
             )
     except InvalidBatch as exc:
-        for e in exc.errors[:5]:
-            err.print(f"  {e}", markup=False)
-        if exc.count > 5:
-            err.print(f"  … and {exc.count - 5} more", markup=False)
-        fail(f"{source}: {exc}", EXIT_BAD_INPUT)
+        # click.echo, not the rich console: a record's error stays on one line at any width.
+        if exc.count > 1:
+            for e in exc.errors[:5]:
+                click.echo(f"  {e}", err=True)
+            if exc.count > 5:
+                click.echo(f"  … and {exc.count - 5} more", err=True)
+        fail(f"{source}: {exc.errors[0]}; {exc}", EXIT_BAD_INPUT)
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -247,9 +189,9 @@ def _print_ingest(summary: IngestSummary, fmt: str) -> None:
                   data["rows_written"], data["rejected"]]],
                 right=["records", "tenants", "hosts", "hours", "rows written", "rejected"])
     if summary.rejected:
-        err.print(f"skipped {summary.rejected} invalid line(s); the first ones:", markup=False)
+        click.echo(f"skipped {summary.rejected} invalid line(s); the first ones:", err=True)
         for e in summary.errors[:5]:
-            err.print(f"  {e}", markup=False)
+            click.echo(f"  {e}", err=True)
 
 
 # --- run / backfill ------------------------------------------------------------------------
@@ -285,9 +227,9 @@ def run_cmd(job: str, at: str | None, lookback: int, fmt: str) -> None:
       snapshot-usage  the full hour before --at plus --lookback earlier hours
     """
     spec = registry.get(job)
-    logical = _at(at)
-    engine = _state().engine()
-    ctx = JobContext(engine=engine, settings=_state().settings)
+    logical = parse_at(at)
+    engine = current_state().engine()
+    ctx = JobContext(engine=engine, settings=current_state().settings)
     _finish(run_job(spec.name, spec.run, ctx, logical, lookback=lookback), fmt)
 
 
@@ -301,13 +243,13 @@ def backfill(job: str, start: str, end: str, fmt: str) -> None:
     spec = registry.get(job)
     if spec.name != "snapshot-usage":
         fail(f"job {job!r} has no hourly backfill (only snapshot-usage)", EXIT_BAD_INPUT)
-    a, b = _at(start, "--from"), _at(end, "--to")
+    a, b = parse_at(start, "--from"), parse_at(end, "--to")
     if b <= a:
         fail(f"--to {end} must be after --from {start}", EXIT_BAD_INPUT)
     hours = snapshot_usage.backfill_hours(a, b)
-    engine = _state().engine()
+    engine = current_state().engine()
     with progress("snapshot-usage", len(hours)) as update:
-        ctx = JobContext(engine=engine, settings=_state().settings, trigger="backfill",
+        ctx = JobContext(engine=engine, settings=current_state().settings, trigger="backfill",
                          progress=update)
         result = run_job(spec.name, spec.run, ctx, a, hours=hours)
     _finish(result, fmt)
@@ -327,10 +269,10 @@ def _avg(total: int, hours: int) -> str:
               help="Month to generate (default: the previous full month in the billing zone).")
 @click.option("--tenants", type=click.IntRange(12, 5000), default=36, show_default=True)
 def demo(seed: int, period: str | None, tenants: int) -> None:
-    """Generate a synthetic fleet, snapshot a month of hours, print per-tenant usage."""
+    """Generate a synthetic fleet, snapshot a month of hours, close it, print invoices."""
     from jobs.demo import run_demo
 
-    state = _state()
+    state = current_state()
     settings = state.settings
     period = period or previous_period(datetime.now(UTC), settings.zone)
     month_bounds(period, settings.zone)  # validates the period before touching the database
@@ -371,6 +313,22 @@ def demo(seed: int, period: str | None, tenants: int) -> None:
     )
     if not result.snapshot.ok:
         fail(f"snapshot-usage {result.snapshot.status}: {result.snapshot.error}")
+    print_invoices(period, result.invoices)
+    if result.billing is not None:
+        c = result.billing.counts()
+        out.print(
+            f"close-billing-period {result.close.status}: {c['invoices_written']} invoice(s) "
+            f"written, {c['unchanged']} unchanged; see `hostmeter billing show --period "
+            f"{period} --format json` for every line and its basis", markup=False)
+        for tenant, hosts in result.billing.free_over_limit:
+            out.print(f"free plan over its host limit (reported, not invoiced): {tenant} "
+                      f"(up to {hosts} hosts)", markup=False)
+    if not result.close.ok:
+        fail(f"close-billing-period {result.close.status}: {result.close.error}")
+
+
+cli.add_command(bench_command)
+cli.add_command(billing_group)
 
 
 def main() -> None:
@@ -379,7 +337,7 @@ def main() -> None:
         cli.main(prog_name="hostmeter")
     except MeteringError as exc:  # raised outside a command (e.g. settings)
         click.echo(f"hostmeter: error: {exc}", err=True)
-        sys.exit(_translate(exc).exit_code)
+        sys.exit(translate(exc).exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

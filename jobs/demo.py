@@ -1,9 +1,10 @@
 """``hostmeter demo``: the main job end to end on the embedded default.
 
 Generates the deterministic synthetic fleet for one month, records it through the ingest API,
-snapshots every hour of the month (a backfill of ``snapshot-usage``) and returns the per-tenant
-usage summary. Running it again records nothing new (ingest is idempotent) and reproduces the
-same snapshots.
+snapshots every hour of the month (a backfill of ``snapshot-usage``), closes the month
+(``close-billing-period``) and returns the per-tenant usage summary and the invoices. Running it
+again records nothing new (ingest is idempotent), reproduces the same snapshots and writes no new
+invoice revision.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from jobs import snapshot_usage
+from billing.repository import StoredInvoice, load_invoices
+from billing.service import BillingOutcome
+from jobs import billing_jobs, snapshot_usage
 from jobs.fleet import FleetTenant, demo_fleet
 from jobs.runtime import JobContext, JobResult, run_job
 from metering.ingest import IngestSummary, UsageRecorder
@@ -36,6 +39,9 @@ class DemoResult:
     ingest: IngestSummary
     snapshot: JobResult
     usage: list[TenantMonth]
+    close: JobResult
+    billing: BillingOutcome | None
+    invoices: list[StoredInvoice]
 
 
 def run_demo(
@@ -61,10 +67,16 @@ def run_demo(
     result = run_job(
         "snapshot-usage", snapshot_usage.run, ctx, start, hours=hours
     )
+    outcomes: list[BillingOutcome] = []
+    closed = run_job("close-billing-period", billing_jobs.close, ctx, end, period=period,
+                     outcomes=outcomes)
     with ctx.engine.connect() as conn:
         usage = month_usage(conn, start, end)
         covered = coverage(conn, start, end)
+        stored = load_invoices(conn, period)
     return DemoResult(
         period=period, start=start, end=end, hours_in_month=len(hours), covered_hours=covered,
-        fleet=fleet, ingest=summary, snapshot=result, usage=usage,
+        fleet=fleet, ingest=summary, snapshot=result, usage=usage, close=closed,
+        billing=outcomes[0] if outcomes else None,
+        invoices=[inv for key in sorted(stored) for inv in stored[key]],
     )

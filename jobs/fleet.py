@@ -157,8 +157,8 @@ def demo_fleet(
                     hosts=[host(f"cyberdyne-{i}", "standard", 40) for i in range(7)]),
         FleetTenant(key="soylent", shape="micro hosts only", plans=std,
                     hosts=[host(f"soylent-{i}", "micro", 25) for i in range(3)]),
-        FleetTenant(key="oscorp", shape="URL monitors only", plans=std,
-                    monitors=[(f"url-{i}", start, None) for i in range(25)]
+        FleetTenant(key="oscorp", shape="URL monitors only (minimum charge)", plans=std,
+                    monitors=[(f"url-{i}", start, None) for i in range(15)]
                     + [("url-temp", day(3, 10, 30), day(12, 10, 30))]),
         FleetTenant(key="vandelay", shape="a host that stops posting", plans=std,
                     hosts=[host("vandelay-1", "standard", 210),

@@ -58,6 +58,7 @@ class JobResult:
     counts: dict[str, Any]
     duration_s: float
     error: str | None = None
+    exception: BaseException | None = None
 
     @property
     def ok(self) -> bool:
@@ -76,16 +77,19 @@ def run_job(
     with structlog.contextvars.bound_contextvars(
         job=name, run_id=ctx.run_id, logical_time=logical_time.isoformat()
     ):
-        log.info("job_started", trigger=ctx.trigger, **{k: _show(v) for k, v in options.items()})
+        log.info("job_started", trigger=ctx.trigger,
+                 **{k: _show(v) for k, v in options.items() if k not in _NOT_LOGGED})
         started = time.perf_counter()
         counts: dict[str, Any] = {}
         error: str | None = None
+        failure: BaseException | None = None
         status = "succeeded"
         try:
-            counts = body(ctx, logical_time, **options)
+            counts = dict(body(ctx, logical_time, **options))  # not a mapping: a failed run
             status = str(counts.pop("status", "succeeded"))
         except Exception as exc:  # the run is recorded as failed; the caller decides the exit
             status = "failed"
+            failure = exc
             error = f"{type(exc).__name__}: {exc}"
             log.error("job_error", error=error, exc_info=True)
         duration = round(time.perf_counter() - started, 6)
@@ -98,7 +102,11 @@ def run_job(
         counts=counts,
         duration_s=duration,
         error=error,
+        exception=failure,
     )
+
+
+_NOT_LOGGED = frozenset({"outcomes"})  # result sinks handed in by callers, not options
 
 
 def _show(value: Any) -> Any:

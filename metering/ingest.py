@@ -313,7 +313,9 @@ class UsageRecorder:
     ...                            at=datetime(2026, 10, 15, 10, 3, tzinfo=UTC),
     ...                            metrics=["loadavg5", "cpu.user"])
 
-    Every call is one transaction: either all its records are recorded or none is.
+    Every call is one transaction: either all its records are recorded or none is. Plan records
+    are keyed by (tenant, instant): a later record for the same instant replaces the plan (last
+    write wins, in input order and across loads).
     """
 
     def __init__(self, engine: Engine, *, batch_size: int = 5000) -> None:

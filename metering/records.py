@@ -99,6 +99,17 @@ Record = PlanChange | HostPost | ServicePost | MonitorChange | AnomalyRole | Rol
 """Any record that ingest accepts."""
 
 
+def _storable(text: str) -> bool:
+    """Whether every backend can store ``text``: no NUL (PostgreSQL) and no lone surrogate."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _str(obj: dict[str, Any], field: str, *, limit: int = MAX_KEY) -> str:
     value = obj.get(field)
     if value is None:
@@ -110,6 +121,12 @@ def _str(obj: dict[str, Any], field: str, *, limit: int = MAX_KEY) -> str:
     if len(value) > limit:
         raise InvalidRecord(
             f"field {field!r} is {len(value)} characters long (at most {limit})", field=field
+        )
+    if not _storable(value):
+        raise InvalidRecord(
+            f"field {field!r} is {value!r}, which holds a NUL or an unpaired surrogate "
+            "(expected UTF-8 text without NUL)",
+            field=field,
         )
     return value
 
@@ -154,10 +171,11 @@ def _metrics(obj: dict[str, Any]) -> tuple[str, ...]:
             field="metrics",
         )
     for i, name in enumerate(value):
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        if (not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME
+                or not _storable(name)):
             raise InvalidRecord(
                 f"field 'metrics'[{i}] is {name!r} (expected a metric name of 1 to "
-                f"{MAX_NAME} characters)",
+                f"{MAX_NAME} characters, UTF-8 text without NUL)",
                 field="metrics",
             )
     return tuple(value)
@@ -168,12 +186,12 @@ def parse_record(obj: Any) -> Record:
     if not isinstance(obj, dict):
         raise InvalidRecord(f"expected a JSON object, got {type(obj).__name__}", field=None)
     version = obj.get("v", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION or isinstance(version, bool):  # JSON true == 1 in Python
         raise InvalidRecord(
             f"field 'v' is {version!r} (this hostmeter reads schema version 1)", field="v"
         )
     kind = obj.get("type")
-    if kind not in _PARSERS:
+    if not isinstance(kind, str) or kind not in _PARSERS:  # a list or object is unhashable
         shown = "missing" if kind is None else repr(kind)
         raise InvalidRecord(
             f"field 'type' is {shown} (expected one of {', '.join(_PARSERS)})", field="type"

@@ -11,6 +11,7 @@ import os
 
 from alembic import context
 
+import billing.models  # noqa: F401  (registers the billing tables on the metadata)
 import metering.models  # noqa: F401  (registers the usage tables on the metadata)
 from metering.db import create_engine, metadata
 

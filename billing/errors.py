@@ -1,0 +1,56 @@
+"""Errors raised by the billing package.
+
+The tree::
+
+    BillingError
+    ├── CatalogError         a catalog file is missing a field or has a bad value
+    ├── CoverageError        some hours of the month are not snapshotted and cannot be rebuilt
+    ├── InvoiceImmutable     an attempt to change a final invoice
+    ├── ReasonRequired       a rerun would adjust a final invoice but gave no --reason
+    └── UnknownTenant        a --tenant that hostmeter has never seen
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BillingError",
+    "CatalogError",
+    "CoverageError",
+    "InvoiceImmutable",
+    "ReasonRequired",
+    "UnknownTenant",
+]
+
+
+class BillingError(Exception):
+    """Root of every error the billing package raises on purpose."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = context
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CatalogError(BillingError):
+    """A catalog file cannot be used; the message names the file and the field."""
+
+
+class CoverageError(BillingError):
+    """Hours of the month are not snapshotted and cannot be rebuilt from recorded usage."""
+
+
+class InvoiceImmutable(BillingError):
+    """A final invoice cannot be changed; corrections are new revisions with adjustments."""
+
+
+class ReasonRequired(BillingError):
+    """Adjusting a final invoice needs a reason (``--reason``)."""
+
+
+class UnknownTenant(BillingError):
+    """No tenant with that key has ever been recorded."""

@@ -1,0 +1,385 @@
+"""Closing, rerunning and finalizing a billing period: load → compute → persist.
+
+- :func:`close_period` makes sure every hour of the month is snapshotted (rebuilding missing
+  hours from recorded usage, failing with the list of hours it cannot rebuild), reads the month's
+  snapshots with two set-based statements, rates every tenant with a paid hour and writes revision
+  1 as a draft for each tenant that has no invoice yet. Closing twice writes nothing.
+- :func:`rerun_period` re-snapshots the whole month from recorded usage, recomputes and, per
+  tenant: unchanged → nothing; changed draft → revision n+1 (draft) and n becomes void; changed
+  final → the final stays untouched, a new draft revision carries an adjustment (the signed
+  difference against the final). Adjusting a final needs a reason.
+- :func:`finalize_period` turns every current draft of the period final.
+
+Each tenant is written in its own savepoint: one tenant failing is recorded and the others go on;
+the run then ends ``partial`` and running it again finishes the rest without duplicating
+anything. ``dry_run`` does all the work inside a transaction that is rolled back, so it writes
+nothing at all — not even the rebuilt snapshots or the audit row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Connection, Engine
+
+from billing import models as bm
+from billing import repository as repo
+from billing.catalog import Catalog, catalog_for
+from billing.errors import CoverageError, ReasonRequired
+from billing.rules import MonthSums, Rating, rate
+from metering import models as m
+from metering.snapshot import MetricLimits, missing_hours, snapshot_hour
+from metering.timeutil import HOUR, hours_between, month_bounds
+
+__all__ = [
+    "BillingOutcome",
+    "BillingRequest",
+    "TenantOutcome",
+    "close_period",
+    "finalize_period",
+    "limits_for",
+    "rerun_period",
+]
+
+log = structlog.get_logger("hostmeter.billing")
+
+RateFn = Callable[[MonthSums, Catalog], Rating]
+
+
+def limits_for(catalog: Catalog) -> MetricLimits:
+    """The per-host metric limits a snapshot uses under ``catalog``."""
+    return MetricLimits(standard=catalog.standard_host_metrics, micro=catalog.micro_host_metrics)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BillingRequest:
+    """Who asks for what. ``logical_time`` bounds which hours may be rebuilt (no clock reads)."""
+
+    period: str
+    zone: ZoneInfo
+    logical_time: datetime
+    actor: str
+    run_id: str
+    now: datetime
+    tenants: tuple[str, ...] = ()
+    dry_run: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantOutcome:
+    """What happened (or, in a dry run, would happen) to one tenant's invoice."""
+
+    tenant: str
+    action: str
+    """created | revised | adjusted | restored | unchanged | stale | failed"""
+    revision: int | None = None
+    old: dict[str, Any] | None = None
+    new: dict[str, Any] | None = None
+    adjustment: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BillingOutcome:
+    """The result of one close / rerun / finalize."""
+
+    period: str
+    action: str
+    dry_run: bool
+    run_id: str
+    catalog: str
+    hours_in_month: int
+    rebuilt_hours: int = 0
+    tenants: tuple[TenantOutcome, ...] = ()
+    free_over_limit: tuple[tuple[str, int], ...] = ()
+    finalized: int = 0
+
+    @property
+    def failed(self) -> list[TenantOutcome]:
+        return [t for t in self.tenants if t.action == "failed"]
+
+    @property
+    def status(self) -> str:
+        return "partial" if self.failed else "succeeded"
+
+    def count(self, action: str) -> int:
+        return sum(1 for t in self.tenants if t.action == action)
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "tenants_expected": len(self.tenants),
+            "tenants_processed": len(self.tenants) - len(self.failed),
+            "tenants_failed": len(self.failed),
+            "invoices_written": sum(
+                self.count(a) for a in ("created", "revised", "adjusted")
+            ),
+            "unchanged": self.count("unchanged"),
+            "stale": self.count("stale"),
+            "rebuilt_hours": self.rebuilt_hours,
+            "free_over_limit": len(self.free_over_limit),
+            "finalized": self.finalized,
+        }
+
+
+def _summary(r: Rating | repo.StoredInvoice) -> dict[str, Any]:
+    return {"standard_units": r.standard_units, "micro_units": r.micro_units,
+            "total": r.total, "tax": r.tax}
+
+
+def _ranges(hours: Sequence[datetime]) -> str:
+    """Compress hours into ``a … b`` ranges for a one-line message."""
+    parts: list[str] = []
+    start = prev = None
+    for h in hours:
+        if start is None:
+            start = prev = h
+        elif prev is not None and h == prev + HOUR:
+            prev = h
+        else:
+            parts.append(_one_range(start, prev))
+            start = prev = h
+    if start is not None:
+        parts.append(_one_range(start, prev))
+    text = ", ".join(parts[:5])
+    return text + (f" (+{len(parts) - 5} more ranges)" if len(parts) > 5 else "")
+
+
+def _one_range(a: datetime, b: datetime | None) -> str:
+    if b is None or a == b:
+        return a.isoformat()
+    return f"{a.isoformat()}…{b.isoformat()}"
+
+
+@contextmanager
+def _transaction(engine: Engine, dry_run: bool) -> Iterator[Connection]:
+    """A transaction that commits, or — in a dry run — always rolls back."""
+    with engine.connect() as conn:
+        trans = conn.begin()
+        try:
+            yield conn
+        except BaseException:
+            trans.rollback()
+            raise
+        if dry_run:
+            trans.rollback()
+        else:
+            trans.commit()
+
+
+def _rebuild(
+    conn: Connection, req: BillingRequest, catalog: Catalog, *, everything: bool
+) -> int:
+    """Snapshot the month's missing hours (or all of them); refuse hours not over yet."""
+    start, end = month_bounds(req.period, req.zone)
+    todo = list(hours_between(start, end)) if everything else missing_hours(conn, start, end)
+    not_over = [h for h in todo if h + HOUR > req.logical_time]
+    if not_over:
+        raise CoverageError(
+            f"{len(not_over)} hour(s) of {req.period} cannot be rebuilt because they are not "
+            f"over yet at {req.logical_time.isoformat()}: {_ranges(not_over)}",
+            period=req.period, hours=[h.isoformat() for h in not_over],
+        )
+    limits = limits_for(catalog)
+    for hour in todo:
+        snapshot_hour(conn, hour, limits=limits, run_id=req.run_id, snapshotted_at=req.now)
+    if todo:
+        log.info("hours_rebuilt", period=req.period, hours=len(todo))
+    return len(todo)
+
+
+def _bill(
+    conn: Connection,
+    req: BillingRequest,
+    catalog: Catalog,
+    *,
+    action: str,
+    rebuilt: int,
+    rate_fn: RateFn,
+) -> BillingOutcome:
+    start, end = month_bounds(req.period, req.zone)
+    n = int((end - start) / HOUR)
+    tenant_ids = repo.resolve_tenants(conn, req.tenants) if req.tenants else None
+    ids = list(tenant_ids.values()) if tenant_ids is not None else None
+    sums = repo.month_sums(conn, start, end, n, ids)
+    existing = repo.load_invoices(conn, req.period, ids)
+    if tenant_ids is None:
+        key_to_id = dict(conn.execute(sa.select(m.tenants.c.key, m.tenants.c.id)).all())
+    else:
+        key_to_id = tenant_ids
+
+    free = tuple(sorted(
+        (k, s.free_max_hosts) for k, s in sums.items()
+        if s.free_max_hosts > catalog.free_plan_hosts
+    ))
+    for tenant, hosts in free:
+        log.warning("free_tenant_over_limit", tenant=tenant, hosts=hosts,
+                    limit=catalog.free_plan_hosts, period=req.period)
+
+    candidates = sorted({k for k, s in sums.items() if s.paid_hours > 0} | set(existing))
+    outcomes: list[TenantOutcome] = []
+    for tenant in candidates:
+        month = sums.get(tenant) or MonthSums(tenant=tenant, hours_in_month=n, paid_hours=0)
+        try:
+            with conn.begin_nested():
+                outcome = _bill_tenant(
+                    conn, req, catalog, month, existing.get(tenant, []),
+                    tenant_id=key_to_id[tenant], allow_revise=action == "rerun", rate_fn=rate_fn,
+                )
+        except ReasonRequired:
+            raise
+        except Exception as exc:
+            outcome = TenantOutcome(tenant=tenant, action="failed",
+                                    error=f"{type(exc).__name__}: {exc}")
+            log.error("tenant_failed", tenant=tenant, period=req.period, error=outcome.error)
+        outcomes.append(outcome)
+        if outcome.action in ("created", "revised", "adjusted", "restored"):
+            log.info("invoice_written", tenant=tenant, period=req.period,
+                     revision=outcome.revision, action=outcome.action,
+                     total=outcome.new["total"] if outcome.new else None, dry_run=req.dry_run)
+
+    result = BillingOutcome(
+        period=req.period, action=action, dry_run=req.dry_run, run_id=req.run_id,
+        catalog=catalog.version, hours_in_month=n, rebuilt_hours=rebuilt,
+        tenants=tuple(outcomes), free_over_limit=free,
+    )
+    _audit(conn, req, catalog, result)
+    return result
+
+
+def _bill_tenant(
+    conn: Connection,
+    req: BillingRequest,
+    catalog: Catalog,
+    month: MonthSums,
+    revisions: list[repo.StoredInvoice],
+    *,
+    tenant_id: int,
+    allow_revise: bool,
+    rate_fn: RateFn,
+) -> TenantOutcome:
+    rating = rate_fn(month, catalog)
+    live = [r for r in revisions if r.status != "void"]
+    current = live[-1] if live else None
+    finals = [r for r in revisions if r.status == "final"]
+    last_final = finals[-1] if finals else None
+    next_revision = (revisions[-1].revision + 1) if revisions else 1
+    new = _summary(rating)
+
+    def write(adjusts: repo.StoredInvoice | None, reason: str | None) -> None:
+        repo.insert_revision(
+            conn, tenant_id=tenant_id, period=req.period, revision=next_revision,
+            rating=rating, created_at=req.now, created_by=req.actor, run_id=req.run_id,
+            reason=reason, adjusts=adjusts,
+        )
+
+    if current is None:
+        write(last_final, req.reason)
+        return TenantOutcome(tenant=month.tenant, action="created", revision=next_revision,
+                             new=new)
+    old = _summary(current)
+    if current.content_hash == rating.content_hash:
+        return TenantOutcome(tenant=month.tenant, action="unchanged", revision=current.revision,
+                             old=old, new=new)
+    if not allow_revise:
+        return TenantOutcome(tenant=month.tenant, action="stale", revision=current.revision,
+                             old=old, new=new)
+    if current.status == "draft":
+        repo.void_invoice(conn, current, req.now)
+        if last_final is not None and last_final.content_hash == rating.content_hash:
+            # The data came back to what the final invoice says: no correction is needed.
+            return TenantOutcome(tenant=month.tenant, action="restored",
+                                 revision=last_final.revision, old=old, new=new)
+        write(last_final, req.reason)
+        return TenantOutcome(
+            tenant=month.tenant, action="adjusted" if last_final else "revised",
+            revision=next_revision, old=old, new=new,
+            adjustment=(rating.total - last_final.total) if last_final else None,
+        )
+    # current is final: never touched; a new draft revision carries the difference.
+    if not req.reason:
+        raise ReasonRequired(
+            f"tenant {month.tenant}: the final invoice for {req.period} (revision "
+            f"{current.revision}) would be adjusted; give --reason",
+            tenant=month.tenant, period=req.period,
+        )
+    write(current, req.reason)
+    return TenantOutcome(tenant=month.tenant, action="adjusted", revision=next_revision,
+                         old=old, new=new, adjustment=rating.total - current.total)
+
+
+def _audit(conn: Connection, req: BillingRequest, catalog: Catalog,
+           result: BillingOutcome) -> None:
+    conn.execute(
+        sa.insert(bm.billing_runs).values(
+            run_id=req.run_id, period=req.period, action=result.action, dry_run=req.dry_run,
+            catalog_version=catalog.version, started_at=req.now, finished_at=req.now,
+            actor=req.actor, reason=req.reason, status=result.status,
+            summary={
+                **result.counts(),
+                "tenants": list(req.tenants),
+                "failed": [{"tenant": t.tenant, "error": t.error} for t in result.failed],
+                "free_over_limit": [{"tenant": k, "hosts": h} for k, h in result.free_over_limit],
+            },
+        )
+    )
+
+
+def _run(
+    engine: Engine,
+    req: BillingRequest,
+    *,
+    action: str,
+    catalogs: Sequence[Catalog] | None,
+    rate_fn: RateFn,
+) -> BillingOutcome:
+    catalog = catalog_for(req.period, catalogs)
+    everything = action == "rerun"
+    if req.dry_run:
+        with _transaction(engine, dry_run=True) as conn:
+            rebuilt = _rebuild(conn, req, catalog, everything=everything)
+            return _bill(conn, req, catalog, action=action, rebuilt=rebuilt, rate_fn=rate_fn)
+    with _transaction(engine, dry_run=False) as conn:
+        rebuilt = _rebuild(conn, req, catalog, everything=everything)
+    with _transaction(engine, dry_run=False) as conn:
+        return _bill(conn, req, catalog, action=action, rebuilt=rebuilt, rate_fn=rate_fn)
+
+
+def close_period(
+    engine: Engine, req: BillingRequest, *,
+    catalogs: Sequence[Catalog] | None = None, rate_fn: RateFn = rate,
+) -> BillingOutcome:
+    """Close ``req.period``: draft revision 1 for every paying tenant without an invoice."""
+    return _run(engine, req, action="close", catalogs=catalogs, rate_fn=rate_fn)
+
+
+def rerun_period(
+    engine: Engine, req: BillingRequest, *,
+    catalogs: Sequence[Catalog] | None = None, rate_fn: RateFn = rate,
+) -> BillingOutcome:
+    """Re-snapshot the month, recompute, and write revisions/adjustments where content changed."""
+    return _run(engine, req, action="rerun", catalogs=catalogs, rate_fn=rate_fn)
+
+
+def finalize_period(
+    engine: Engine, req: BillingRequest, *, catalogs: Sequence[Catalog] | None = None,
+) -> BillingOutcome:
+    """Make every current draft of the period final (one statement)."""
+    catalog = catalog_for(req.period, catalogs)
+    with _transaction(engine, dry_run=req.dry_run) as conn:
+        ids = list(repo.resolve_tenants(conn, req.tenants).values()) if req.tenants else None
+        count = repo.finalize_drafts(conn, req.period, req.now, ids)
+        result = BillingOutcome(period=req.period, action="finalize", dry_run=req.dry_run,
+                                run_id=req.run_id, catalog=catalog.version, hours_in_month=0,
+                                finalized=count)
+        _audit(conn, req, catalog, result)
+    log.info("invoices_finalized", period=req.period, count=count, dry_run=req.dry_run)
+    return result
+

@@ -1,0 +1,109 @@
+"""Shared pieces of the ``hostmeter`` command line: exit codes, one-line errors, the group
+state (settings and a lazily created engine) and instant parsing.
+
+Exit codes: ``0`` done, ``1`` the work failed or was partial (or the database is unreachable),
+``2`` bad usage or bad input. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import click
+from sqlalchemy.engine import Engine
+
+from billing.errors import BillingError, CatalogError, ReasonRequired, UnknownTenant
+from jobs.errors import JobError, UnknownJob
+from metering import db
+from metering.errors import (
+    ConfigError,
+    InvalidBatch,
+    InvalidRecord,
+    InvalidWindow,
+    MeteringError,
+)
+from metering.settings import Settings
+from metering.timeutil import parse_instant
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "CliError",
+    "Group",
+    "State",
+    "current_state",
+    "fail",
+    "parse_at",
+    "translate",
+]
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class _Failed(click.ClickException):
+    """The work failed: one line on stderr, exit code 1."""
+
+    exit_code = EXIT_FAILED
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"hostmeter: error: {self.format_message()}", err=True)
+
+
+class _BadInput(_Failed):
+    """Bad usage or input: one line on stderr, exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def CliError(message: str, exit_code: int) -> click.ClickException:
+    """A one-line error that exits with ``exit_code``."""
+    return _BadInput(message) if exit_code == EXIT_BAD_INPUT else _Failed(message)
+
+
+def fail(message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
+    raise CliError(message, exit_code)
+
+
+def translate(exc: Exception) -> click.ClickException:
+    if isinstance(exc, InvalidWindow | InvalidRecord | InvalidBatch | ConfigError | UnknownJob
+                  | ReasonRequired | UnknownTenant | CatalogError):
+        return CliError(str(exc), EXIT_BAD_INPUT)
+    if isinstance(exc, MeteringError | JobError | BillingError):
+        return CliError(str(exc), EXIT_FAILED)
+    raise exc
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (MeteringError, JobError, BillingError) as exc:
+            raise translate(exc) from exc
+
+
+@dataclasses.dataclass
+class State:
+    settings: Settings
+    _engine: Engine | None = None
+
+    def engine(self, *, schema: bool = True) -> Engine:
+        if self._engine is None:
+            self._engine = db.create_engine(self.settings.database_url)
+        if schema:
+            db.ensure_schema(self._engine)
+        return self._engine
+
+
+def current_state() -> State:
+    return click.get_current_context().find_object(State)  # type: ignore[return-value]
+
+
+def parse_at(value: str | None, what: str = "--at") -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    return parse_instant(value, what=what)
+
+

@@ -1,0 +1,204 @@
+"""``hostmeter bench`` on every backend, at a tiny size: the figures, the checks, the safety.
+
+No timing assertions: the bench is measured by people, CI only checks that it is correct.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+
+from jobs import bench
+from jobs.bench import BenchRefused, BenchTier, planned_counts, run_bench
+from jobs.cli import cli
+from metering import db
+from metering import models as m
+from metering.ingest import UsageRecorder
+from metering.settings import Settings
+
+TINY = BenchTier(
+    name="tiny", tenants=60, hosts=120, hours=30,
+    ingest_tenants=2, ingest_hosts_per_tenant=3, ingest_hours=2, ingest_posts_per_host_hour=5,
+    metrics_per_post=20, posts_per_call=7, single_posts=4,
+)
+
+
+def _no_progress(_description: str, _total: int | None) -> AbstractContextManager[object]:
+    return nullcontext(lambda _done, _total=None: None)
+
+
+@pytest.fixture
+def bench_engine(db_url: str) -> Iterator[sa.Engine]:
+    engine = db.create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def _figures(doc: dict[str, Any]) -> None:
+    assert doc["generate"]["generate_s"] > 0
+    for key in ("posts", "observations", "seconds", "posts_per_s", "observations_per_s"):
+        assert doc["ingest"][key] > 0, key
+        assert doc["ingest"]["single_post_calls"][key] > 0, key
+    for key in ("snapshot_s", "per_hour_mean_s", "floor_s", "ratio"):
+        assert doc["snapshot"][key] > 0, key
+    assert doc["snapshot"]["status"] == "succeeded"
+    assert doc["python"] and doc["server_version"]
+
+
+def test_bench_measures_checks_and_counts_what_it_generated(bench_engine: sa.Engine) -> None:
+    report = run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    doc = json.loads(json.dumps(report.as_dict()))
+    assert doc["ok"] is True
+    assert doc["backend"] == bench_engine.dialect.name
+    assert doc["tier"] == "tiny" and doc["period"] == "2026-10"
+    # October 2026 in Asia/Tokyo starts at 2026-09-30T15:00Z; the tiny tier takes 30 hours.
+    assert doc["window"] == ["2026-09-30T15:00:00+00:00", "2026-10-01T21:00:00+00:00"]
+    _figures(doc)
+    assert all(check["ok"] for check in doc["checks"].values()), doc["checks"]
+    assert set(doc["checks"]) == {
+        "snapshot_hosts_equal_host_hours", "snapshot_metrics_equal_host_metrics",
+        "every_hour_snapshotted", "generated_as_planned"}
+
+    planned = planned_counts(TINY, 30)
+    assert doc["generate"]["rows"] == planned
+    assert planned["tenants"] == 60 and planned["hosts"] == 120
+    # Hosts ending in 3 join late and hosts ending in 7 leave early; the rest post every hour.
+    assert 96 * 30 < planned["host_hours"] < 120 * 30
+    assert planned["plan_changes"] == 60 + 3  # tenants 5, 25, 45 convert from trial
+
+    ingest = doc["ingest"]
+    assert ingest["posts"] == 2 * 3 * 2 * 5 == TINY.ingest_posts
+    assert ingest["observations"] == ingest["posts"] * 20
+    assert ingest["calls"] == 9  # 60 posts, 7 per call
+    assert doc["ingest"]["single_post_calls"]["calls"] == 4
+
+    counts = doc["counts"]
+    assert counts["tenants"] == 60 + 2 and counts["hosts"] == 120 + 6
+    assert counts["host_hours"] == planned["host_hours"] + 3 * 2 * 2
+    assert counts["host_hours_in_window"] == counts["host_hours"]
+    with bench_engine.connect() as conn:
+        snapshots = conn.execute(sa.select(sa.func.count()).select_from(m.usage_snapshots))
+        assert counts["usage_snapshots"] == snapshots.scalar_one()
+        # One plan change per tenant from the first hour (signups later); every tenant with
+        # a plan or a host has a row in every hour it is active.
+        assert counts["usage_snapshots"] >= doc["snapshot"]["floor_rows"] > 0
+        hosts = doc["checks"]["snapshot_hosts_equal_host_hours"]
+        assert hosts["snapshot_hosts"] == hosts["host_hours"] == counts["host_hours"]
+
+
+def test_generated_fleet_has_the_documented_shape(bench_engine: sa.Engine) -> None:
+    run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    hh, us = m.host_hours, m.usage_snapshots
+    bench_hosts = hh.c.host_id.in_(
+        sa.select(m.hosts.c.id).where(m.hosts.c.key.like("bench-h-%")))
+    with bench_engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(hh.c.kind, hh.c.metric_count, hh.c.metric_bits).where(bench_hosts)
+        ).all()
+        plans = dict(conn.execute(
+            sa.select(us.c.plan, sa.func.count()).group_by(us.c.plan)).all())
+        overage = conn.execute(
+            sa.select(sa.func.sum(us.c.standard_overage), sa.func.sum(us.c.micro_overage))
+        ).one()
+    kinds = {k for k, _, _ in rows}
+    assert kinds == {"standard", "micro"}
+    # metric_bits is the bitmap of ordinals 0 … metric_count-1.
+    assert all(int.from_bytes(b, "little").bit_count() == c for _, c, b in rows)
+    assert any(k == "standard" and c > 200 for k, c, _ in rows)
+    assert any(k == "micro" and c > 30 for k, c, _ in rows)
+    assert overage[0] > 0 and overage[1] > 0
+    assert {"standard", "free", "trial"} <= set(plans)
+    assert plans["standard"] > plans["free"]
+
+
+def test_bench_reruns_over_its_own_data(bench_engine: sa.Engine) -> None:
+    first = run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    again = run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    assert first.ok and again.ok
+    assert again.database_counts == first.database_counts
+    assert again.generated.counts == first.generated.counts
+    with bench_engine.connect() as conn:
+        runs = conn.execute(
+            sa.select(m.snapshot_hours.c.run_id).distinct()).scalars().all()
+    assert runs == [again.snapshot.run_id]
+
+
+def _seed_real_tenant(engine: sa.Engine) -> None:
+    UsageRecorder(engine).post_host_metrics(
+        tenant="acme", host="h-1", kind="standard",
+        at=datetime(2026, 10, 15, 10, 3, tzinfo=UTC), metrics=["loadavg5"],
+    )
+
+
+def _tenant_keys(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(m.tenants.c.key).order_by(m.tenants.c.key)).scalars())
+
+
+def test_bench_refuses_a_database_with_real_tenants(bench_engine: sa.Engine) -> None:
+    _seed_real_tenant(bench_engine)
+    refused = r"1 tenant\(s\) that are not bench data \(e\.g\. 'acme'\)"
+    with pytest.raises(BenchRefused, match=refused):
+        run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    assert _tenant_keys(bench_engine) == ["acme"]
+    with bench_engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(m.host_hours)).scalar() == 1
+
+
+def test_bench_refuses_real_tenants_next_to_bench_data(bench_engine: sa.Engine) -> None:
+    run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    _seed_real_tenant(bench_engine)
+    with pytest.raises(BenchRefused):
+        run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    assert "acme" in _tenant_keys(bench_engine)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def _invoke(db_url: str, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--database-url", db_url, "bench", *args])
+
+
+def test_command_prints_json_and_saves_it(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(bench.TIERS, "small", dataclasses.replace(TINY, name="small"))
+    out = tmp_path / "bench.json"
+    result = _invoke(db_url, "--tier", "small", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert json.loads(out.read_text()) == doc
+    assert doc["ok"] is True and doc["tier"] == "small"
+    assert doc["database"] == db.redact_url(db_url)
+    _figures(doc)
+
+
+def test_command_refuses_real_tenants_with_exit_2(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    _seed_real_tenant(engine)
+    result = _invoke(db_url)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hostmeter: error: refusing to bench")
+    assert result.stdout == ""
+    assert _tenant_keys(engine) == ["acme"]
+    engine.dispose()
+
+
+def test_command_rejects_a_bad_period_and_tier(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    result = _invoke(url, "--period", "2026-13")
+    assert result.exit_code == 2
+    assert "period '2026-13' is not a month" in result.stderr
+    assert _invoke(url, "--tier", "huge").exit_code == 2
+    assert not (tmp_path / "never.db").exists()

@@ -1,0 +1,223 @@
+"""``hostmeter ingest`` as a real process: output, exit codes, stderr, and what it leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from metering import db
+from metering import models as m
+
+ROOT = Path(__file__).resolve().parents[2]
+# The installed console script, run the way a user or an ECS task runs it.
+HOSTMETER = shutil.which("hostmeter", path=str(Path(sys.executable).parent)) or "hostmeter"
+UNREACHABLE = "postgresql+psycopg://postgres:s3cret@127.0.0.1:1/nope"
+
+GOOD = (
+    "\n".join(
+        [
+            '{"type":"plan","tenant":"acme","plan":"standard","at":"2026-10-15T00:00:00+09:00"}',
+            '{"type":"host_post","tenant":"acme","host":"h-1","kind":"standard",'
+            '"at":"2026-10-15T10:03:00Z","metrics":["loadavg5","cpu.user"]}',
+            "",
+            '{"type":"host_post","tenant":"acme","host":"h-1","kind":"standard",'
+            '"at":"2026-10-15T11:03:00Z","metrics":["loadavg5"],"status":"poweroff"}',
+            '{"type":"host_post","tenant":"globex","host":"h-1","kind":"micro",'
+            '"at":"2026-10-15T10:59:59Z","metrics":["a","b","a"]}',
+        ]
+    )
+    + "\n"
+)
+GOOD_SUMMARY = {"records": 4, "tenants": 2, "hosts": 2, "hours": 2, "rejected": 0}
+
+BAD_LINES = {
+    "kind": '{"type":"host_post","tenant":"acme","host":"h-2","kind":"enormous-host-kind",'
+    '"at":"2026-10-15T10:03:00Z","metrics":["loadavg5"]}',
+    "type": '{"type":["host_post"],"tenant":"acme"}',
+}
+
+
+def hostmeter(
+    *args: str, db_url: str, tmp_path: Path, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTMETER_")}
+    env |= {"HOSTMETER_DATABASE_URL": db_url, "HOSTMETER_LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run(
+        [HOSTMETER, *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+    )
+
+
+def stderr_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """What a person reads on stderr (structured log lines, which start with ``{``, aside)."""
+    return [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
+
+
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    errors = [ln for ln in stderr_lines(proc) if ln.startswith("hostmeter: error: ")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return errors[0]
+
+
+def row_counts(db_url: str) -> dict[str, int]:
+    engine = db.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return {
+                t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+                for t in (m.tenants, m.hosts, m.metric_names, m.host_hours, m.plan_changes)
+            }
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def good_file(tmp_path: Path) -> Path:
+    path = tmp_path / "usage.jsonl"
+    path.write_text(GOOD)
+    return path
+
+
+def with_bad_line(tmp_path: Path, bad: str) -> Path:
+    lines = GOOD.splitlines()
+    lines.insert(2, bad)  # line 3
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_good_file_prints_a_summary_table(db_url: str, tmp_path: Path, good_file: Path) -> None:
+    proc = hostmeter("ingest", str(good_file), db_url=db_url, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert stderr_lines(proc) == []
+    assert "records" in proc.stdout and "rejected" in proc.stdout
+    data_rows = [ln for ln in proc.stdout.splitlines() if re.fullmatch(r"[\s│|]*\d[\d\s│|]*", ln)]
+    assert len(data_rows) == 1, proc.stdout
+    records, tenants, hosts, hours, _rows_written, rejected = map(
+        int, re.findall(r"\d+", data_rows[0])
+    )
+    assert (records, tenants, hosts, hours, rejected) == tuple(GOOD_SUMMARY.values())
+    assert row_counts(db_url) == {
+        "tenants": 2,
+        "hosts": 2,
+        "metric_names": 4,
+        "host_hours": 3,
+        "plan_changes": 1,
+    }
+
+
+def test_format_json(db_url: str, tmp_path: Path, good_file: Path) -> None:
+    proc = hostmeter("ingest", "--format", "json", str(good_file), db_url=db_url, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert {k: out[k] for k in GOOD_SUMMARY} == GOOD_SUMMARY
+    assert out["errors"] == []
+
+
+@pytest.mark.parametrize("field", sorted(BAD_LINES))
+def test_a_bad_line_rejects_the_file(db_url: str, tmp_path: Path, field: str) -> None:
+    path = with_bad_line(tmp_path, BAD_LINES[field])
+    proc = hostmeter("ingest", str(path), db_url=db_url, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert "line 3" in line
+    assert f"field '{field}'" in line
+    assert "expected one of" in line
+    assert "nothing was written" in line
+    assert proc.stdout == ""
+    assert set(row_counts(db_url).values()) == {0}
+
+
+def test_several_bad_lines_are_listed_one_per_line(db_url: str, tmp_path: Path) -> None:
+    lines = GOOD.splitlines()
+    lines[1:1] = [BAD_LINES["kind"], "{oops", BAD_LINES["type"]]  # lines 2, 3, 4
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    proc = hostmeter("ingest", str(path), db_url=db_url, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "3 invalid record(s)" in error_line(proc)
+    details = [ln for ln in stderr_lines(proc) if not ln.startswith("hostmeter: error: ")]
+    # One complete line per bad record: nothing wrapped onto a line of its own.
+    assert [ln.split(":")[0].strip() for ln in details] == ["line 2", "line 3", "line 4"]
+    assert "expected one of standard, micro)" in details[0]
+    assert set(row_counts(db_url).values()) == {0}
+
+
+def test_skip_invalid_loads_the_good_lines(db_url: str, tmp_path: Path) -> None:
+    path = with_bad_line(tmp_path, BAD_LINES["kind"])
+    proc = hostmeter("ingest", "--skip-invalid", str(path), db_url=db_url, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = stderr_lines(proc)
+    assert "skipped 1 invalid line(s)" in lines[0]
+    assert any(
+        ln.strip().startswith("line 3: field 'kind'") and ln.endswith("micro)") for ln in lines
+    ), proc.stderr
+    assert row_counts(db_url)["host_hours"] == 3
+
+    as_json = hostmeter(
+        "ingest", "--skip-invalid", "--format", "json", str(path), db_url=db_url, tmp_path=tmp_path
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    out = json.loads(as_json.stdout)
+    assert out["records"] == 4 and out["rejected"] == 1
+    assert [(e["line"], e["field"]) for e in out["errors"]] == [(3, "kind")]
+    assert "expected one of standard, micro" in out["errors"][0]["message"]
+
+
+def test_reads_stdin(db_url: str, tmp_path: Path) -> None:
+    proc = hostmeter(
+        "ingest", "--format", "json", "-", db_url=db_url, tmp_path=tmp_path, stdin=GOOD.encode()
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert {k: out[k] for k in GOOD_SUMMARY} == GOOD_SUMMARY
+    assert row_counts(db_url)["host_hours"] == 3
+
+
+def test_bad_stdin_is_rejected_too(db_url: str, tmp_path: Path) -> None:
+    proc = hostmeter(
+        "ingest",
+        "-",
+        db_url=db_url,
+        tmp_path=tmp_path,
+        stdin=GOOD.encode() + b'{"type":"plan","tenant":"\xff"}\n',
+    )
+    assert proc.returncode == 2
+    assert "line 6: not UTF-8 text" in error_line(proc)
+    assert set(row_counts(db_url).values()) == {0}
+
+
+@pytest.mark.parametrize("url", ["sqlite", UNREACHABLE], ids=["sqlite", "unreachable"])
+def test_missing_file_exits_2_before_touching_the_database(tmp_path: Path, url: str) -> None:
+    fresh = tmp_path / "fresh.db"
+    db_url = f"sqlite:///{fresh}" if url == "sqlite" else url
+    proc = hostmeter("ingest", str(tmp_path / "nope.jsonl"), db_url=db_url, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "nope.jsonl: no such file" in error_line(proc)
+    assert not fresh.exists()
+
+
+def test_unreachable_database(tmp_path: Path, good_file: Path) -> None:
+    proc = hostmeter("ingest", str(good_file), db_url=UNREACHABLE, tmp_path=tmp_path)
+    assert proc.returncode == 1
+    assert stderr_lines(proc) == [error_line(proc)]
+    assert "cannot connect to" in error_line(proc)
+    assert "s3cret" not in proc.stderr
+    assert proc.stdout == ""

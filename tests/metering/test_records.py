@@ -1,0 +1,429 @@
+"""Parsing and validating one JSON Lines ingest record (schema version 1)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from metering.errors import InvalidRecord
+from metering.records import (
+    AnomalyRole,
+    HostPost,
+    MonitorChange,
+    PlanChange,
+    Record,
+    RoleMember,
+    ServicePost,
+    parse_line,
+)
+
+AT = "2026-10-15T10:03:00Z"
+AT_UTC = datetime(2026, 10, 15, 10, 3, tzinfo=UTC)
+
+VALID: dict[str, dict[str, Any]] = {
+    "plan": {"type": "plan", "tenant": "acme", "plan": "standard", "at": AT},
+    "host_post": {
+        "type": "host_post",
+        "tenant": "acme",
+        "host": "h-1",
+        "kind": "standard",
+        "at": AT,
+        "metrics": ["loadavg5", "cpu.user"],
+    },
+    "service_post": {
+        "type": "service_post",
+        "tenant": "acme",
+        "service": "web",
+        "at": AT,
+        "metrics": ["req.count"],
+    },
+    "monitor": {
+        "type": "monitor",
+        "tenant": "acme",
+        "monitor": "m-1",
+        "at": AT,
+        "state": "created",
+    },
+    "anomaly_role": {
+        "type": "anomaly_role",
+        "tenant": "acme",
+        "role": "web:app",
+        "at": AT,
+        "enabled": True,
+    },
+    "role_member": {
+        "type": "role_member",
+        "tenant": "acme",
+        "role": "web:app",
+        "host": "h-1",
+        "at": AT,
+        "member": True,
+    },
+}
+
+
+def line(base: str, **changes: Any) -> str:
+    """A JSON line: the valid ``base`` record with fields replaced (``None`` drops a field)."""
+    obj = {**VALID[base], **changes}
+    return json.dumps({k: v for k, v in obj.items() if v is not None})
+
+
+# --- valid records ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            line("plan"), PlanChange(tenant="acme", plan="standard", at=AT_UTC), id="plan"
+        ),
+        pytest.param(
+            line("plan", plan="free"),
+            PlanChange(tenant="acme", plan="free", at=AT_UTC),
+            id="plan-free",
+        ),
+        pytest.param(
+            line("plan", plan="trial"),
+            PlanChange(tenant="acme", plan="trial", at=AT_UTC),
+            id="plan-trial",
+        ),
+        pytest.param(
+            line("host_post"),
+            HostPost(
+                tenant="acme",
+                host="h-1",
+                kind="standard",
+                at=AT_UTC,
+                metrics=("loadavg5", "cpu.user"),
+            ),
+            id="host_post",
+        ),
+        pytest.param(
+            line("host_post", kind="micro", metrics=["a", "a"]),
+            HostPost(tenant="acme", host="h-1", kind="micro", at=AT_UTC, metrics=("a", "a")),
+            id="host_post-micro",
+        ),
+        pytest.param(
+            line("service_post"),
+            ServicePost(tenant="acme", service="web", at=AT_UTC, metrics=("req.count",)),
+            id="service_post",
+        ),
+        pytest.param(
+            line("monitor"),
+            MonitorChange(tenant="acme", monitor="m-1", at=AT_UTC, present=True),
+            id="monitor-created",
+        ),
+        pytest.param(
+            line("monitor", state="deleted"),
+            MonitorChange(tenant="acme", monitor="m-1", at=AT_UTC, present=False),
+            id="monitor-deleted",
+        ),
+        pytest.param(
+            line("anomaly_role"),
+            AnomalyRole(tenant="acme", role="web:app", at=AT_UTC, enabled=True),
+            id="anomaly_role-enabled",
+        ),
+        pytest.param(
+            line("anomaly_role", enabled=False),
+            AnomalyRole(tenant="acme", role="web:app", at=AT_UTC, enabled=False),
+            id="anomaly_role-disabled",
+        ),
+        pytest.param(
+            line("role_member"),
+            RoleMember(tenant="acme", role="web:app", host="h-1", at=AT_UTC, member=True),
+            id="role_member-joined",
+        ),
+        pytest.param(
+            line("role_member", member=False),
+            RoleMember(tenant="acme", role="web:app", host="h-1", at=AT_UTC, member=False),
+            id="role_member-left",
+        ),
+        pytest.param(
+            line("plan", v=1),
+            PlanChange(tenant="acme", plan="standard", at=AT_UTC),
+            id="explicit-schema-version-1",
+        ),
+        pytest.param(
+            line("host_post", status="poweroff", retired=True, extra={"x": [1]}),
+            HostPost(
+                tenant="acme",
+                host="h-1",
+                kind="standard",
+                at=AT_UTC,
+                metrics=("loadavg5", "cpu.user"),
+            ),
+            id="unknown-fields-ignored",
+        ),
+        pytest.param(
+            line("plan").encode() + b"\r\n",
+            PlanChange(tenant="acme", plan="standard", at=AT_UTC),
+            id="utf8-bytes-with-crlf",
+        ),
+        pytest.param(
+            line("host_post", host="ホスト-1"),
+            HostPost(
+                tenant="acme",
+                host="ホスト-1",
+                kind="standard",
+                at=AT_UTC,
+                metrics=("loadavg5", "cpu.user"),
+            ),
+            id="non-ascii-name",
+        ),
+    ],
+)
+def test_valid_records(text: str | bytes, expected: Record) -> None:
+    assert parse_line(text, line=1) == expected
+
+
+@pytest.mark.parametrize(
+    ("at", "expected"),
+    [
+        ("2026-10-15T00:00:00+09:00", datetime(2026, 10, 14, 15, 0, tzinfo=UTC)),
+        ("2026-10-15T10:45:00+05:30", datetime(2026, 10, 15, 5, 15, tzinfo=UTC)),
+        ("2026-10-15T10:03:00-07:00", datetime(2026, 10, 15, 17, 3, tzinfo=UTC)),
+        ("2026-10-15T10:03:00+00:00", AT_UTC),
+        ("2026-10-15T10:59:59.999Z", datetime(2026, 10, 15, 10, 59, 59, 999000, tzinfo=UTC)),
+    ],
+)
+def test_at_is_normalised_to_utc(at: str, expected: datetime) -> None:
+    rec = parse_line(line("plan", at=at), line=1)
+    assert isinstance(rec, PlanChange)
+    assert rec.at == expected
+    assert rec.at.tzinfo is UTC  # not merely an equal instant in another zone
+
+
+@pytest.mark.parametrize("text", ["", "\n", "   \t \r\n", b"", b"\n", b"  \r\n"])
+def test_blank_line_is_none(text: str | bytes) -> None:
+    assert parse_line(text, line=3) is None
+
+
+# --- invalid records -------------------------------------------------------------------------
+
+INVALID = [
+    # (text, field, fragments the message must contain)
+    pytest.param(
+        line("plan", type="host"),
+        "type",
+        ["'host'", "expected one of plan, host_post, service_post"],
+        id="unknown-type",
+    ),
+    pytest.param(
+        line("plan", type=None), "type", ["missing", "expected one of plan"], id="missing-type"
+    ),
+    pytest.param(
+        line("plan", type=["plan"]),
+        "type",
+        ["['plan']", "expected one of plan"],
+        id="type-is-a-list",
+    ),
+    pytest.param(
+        line("plan", type={"name": "plan"}),
+        "type",
+        ["expected one of plan"],
+        id="type-is-an-object",
+    ),
+    pytest.param(
+        line("host_post", kind="large"),
+        "kind",
+        ["'large'", "expected one of standard, micro"],
+        id="bad-kind",
+    ),
+    pytest.param(
+        line("host_post", kind=None),
+        "kind",
+        ["missing", "expected one of standard"],
+        id="missing-kind",
+    ),
+    pytest.param(
+        line("host_post", at="yesterday"),
+        "at",
+        ["'yesterday'", "not an ISO 8601 instant", "expected e.g."],
+        id="at-not-iso",
+    ),
+    pytest.param(
+        line("host_post", at="2026-10-15T10:03:00"),
+        "at",
+        ["no UTC offset", "expected e.g."],
+        id="at-without-offset",
+    ),
+    pytest.param(line("host_post", at="2026-10-15"), "at", ["no UTC offset"], id="at-date-only"),
+    pytest.param(
+        line("host_post", at=1760522580), "at", ["ISO 8601 string with an offset"], id="at-a-number"
+    ),
+    pytest.param(
+        line("host_post", at=None),
+        "at",
+        ["missing", "expected an ISO 8601 instant"],
+        id="missing-at",
+    ),
+    pytest.param(
+        line("host_post", tenant=None),
+        "tenant",
+        ["missing", "'tenant'", "expected a non-empty string"],
+        id="missing-tenant",
+    ),
+    pytest.param(line("host_post", tenant=""), "tenant", ["non-empty string"], id="empty-tenant"),
+    pytest.param(line("plan", tenant="   "), "tenant", ["non-empty string"], id="blank-tenant"),
+    pytest.param(
+        line("plan", tenant=42), "tenant", ["non-empty string", "42"], id="tenant-a-number"
+    ),
+    pytest.param(
+        line("plan", tenant="t" * 201),
+        "tenant",
+        ["201 characters", "at most 200"],
+        id="tenant-too-long",
+    ),
+    pytest.param(line("host_post", host=None), "host", ["missing", "'host'"], id="missing-host"),
+    pytest.param(
+        line("service_post", service=""), "service", ["non-empty string"], id="empty-service"
+    ),
+    pytest.param(
+        line("host_post", metrics=[]),
+        "metrics",
+        ["empty", "expected a non-empty list of metric names"],
+        id="empty-metrics",
+    ),
+    pytest.param(
+        line("host_post", metrics="cpu.user"),
+        "metrics",
+        ["'cpu.user'", "expected a non-empty list"],
+        id="metrics-not-a-list",
+    ),
+    pytest.param(
+        line("service_post", metrics={"req.count": 1}),
+        "metrics",
+        ["expected a non-empty list"],
+        id="metrics-an-object",
+    ),
+    pytest.param(
+        line("host_post", metrics=None),
+        "metrics",
+        ["missing", "expected a non-empty"],
+        id="missing-metrics",
+    ),
+    pytest.param(
+        line("host_post", metrics=["cpu.user", 5]),
+        "metrics",
+        ["'metrics'[1]", "5", "expected a metric name"],
+        id="metric-name-not-a-string",
+    ),
+    pytest.param(
+        line("service_post", metrics=["a", ""]),
+        "metrics",
+        ["'metrics'[1]", "expected a metric name of 1 to 500"],
+        id="empty-metric-name",
+    ),
+    pytest.param(
+        line("host_post", metrics=["m" * 501]),
+        "metrics",
+        ["'metrics'[0]", "1 to 500 characters"],
+        id="metric-name-too-long",
+    ),
+    pytest.param(
+        line("monitor", state="paused"),
+        "state",
+        ["'paused'", "expected one of created, deleted"],
+        id="bad-monitor-state",
+    ),
+    pytest.param(
+        line("monitor", state=None),
+        "state",
+        ["missing", "created, deleted"],
+        id="missing-monitor-state",
+    ),
+    pytest.param(
+        line("anomaly_role", enabled="true"),
+        "enabled",
+        ["'true'", "expected true or false"],
+        id="enabled-a-string",
+    ),
+    pytest.param(
+        line("anomaly_role", enabled=1),
+        "enabled",
+        ["expected true or false"],
+        id="enabled-a-number",
+    ),
+    pytest.param(
+        line("anomaly_role", enabled=None),
+        "enabled",
+        ["missing", "true or false"],
+        id="missing-enabled",
+    ),
+    pytest.param(
+        line("role_member", member="yes"),
+        "member",
+        ["expected true or false"],
+        id="member-not-a-boolean",
+    ),
+    pytest.param(
+        line("plan", plan="enterprise"),
+        "plan",
+        ["'enterprise'", "expected one of free, trial, standard"],
+        id="bad-plan",
+    ),
+    pytest.param(
+        line("plan", plan="Standard"),
+        "plan",
+        ["expected one of free, trial"],
+        id="plan-is-case-sensitive",
+    ),
+    pytest.param(line("plan", v=2), "v", ["2", "schema version 1"], id="schema-version-2"),
+    pytest.param(
+        line("plan", v="1"), "v", ["'1'", "schema version 1"], id="schema-version-a-string"
+    ),
+    pytest.param(line("plan", v=True), "v", ["True", "schema version 1"], id="schema-version-true"),
+    # Text PostgreSQL cannot store (NUL) or that is not UTF-8 (a lone surrogate escape) must be
+    # rejected here, not fail the whole ingest later inside the database driver.
+    pytest.param(line("host_post", host="h\u00001"), "host", ["NUL"], id="nul-in-host"),
+    pytest.param(line("plan", tenant="ac\u0000me"), "tenant", ["NUL"], id="nul-in-tenant"),
+    pytest.param(
+        line("host_post", metrics=["cpu\u0000"]),
+        "metrics",
+        ["'metrics'[0]", "without NUL"],
+        id="nul-in-metric-name",
+    ),
+    pytest.param(
+        line("host_post", host="h\ud8001"), "host", ["surrogate"], id="lone-surrogate-in-host"
+    ),
+    pytest.param(
+        line("service_post", metrics=["ok", "req\udc00"]),
+        "metrics",
+        ["'metrics'[1]", "UTF-8"],
+        id="lone-surrogate-in-metric-name",
+    ),
+    # Whole-line problems name no field.
+    pytest.param(
+        '{"type":"plan","tenant":"acme",', None, ["not valid JSON", "column"], id="invalid-json"
+    ),
+    pytest.param("{'type': 'plan'}", None, ["not valid JSON"], id="single-quoted-json"),
+    pytest.param(
+        json.dumps([VALID["plan"]]), None, ["expected a JSON object, got list"], id="json-array"
+    ),
+    pytest.param('"plan"', None, ["expected a JSON object, got str"], id="json-string"),
+    pytest.param("null", None, ["expected a JSON object, got NoneType"], id="json-null"),
+    pytest.param(
+        b'{"type":"plan","tenant":"ac\xffme"}',
+        None,
+        ["not UTF-8 text", "byte 27"],
+        id="non-utf8-bytes",
+    ),
+    pytest.param(line("plan").encode("utf-16"), None, ["not UTF-8 text"], id="utf16-bytes"),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "fragments"), INVALID)
+def test_invalid_records(text: str | bytes, field: str | None, fragments: list[str]) -> None:
+    with pytest.raises(InvalidRecord) as info:
+        parse_line(text, line=17)
+    exc = info.value
+    assert exc.line == 17
+    assert exc.field == field
+    assert str(exc).startswith("line 17: ")
+    for fragment in fragments:
+        assert fragment in exc.message, f"{fragment!r} not in {exc.message!r}"
+    if field is not None:
+        assert repr(field) in exc.message  # the message names the field it is about
