@@ -35,7 +35,7 @@ from billing.catalog import Catalog, catalog_for
 from billing.errors import CoverageError, ReasonRequired
 from billing.rules import MonthSums, Rating, rate
 from metering import models as m
-from metering.snapshot import MetricLimits, missing_hours, snapshot_hour
+from metering.snapshot import MetricLimits, missing_hours, snapshot_hours
 from metering.timeutil import HOUR, hours_between, month_bounds
 
 __all__ = [
@@ -188,8 +188,9 @@ def _rebuild(
             period=req.period, hours=[h.isoformat() for h in not_over],
         )
     limits = limits_for(catalog)
-    for hour in todo:
-        snapshot_hour(conn, hour, limits=limits, run_id=req.run_id, snapshotted_at=req.now)
+    for i in range(0, len(todo), 24):
+        snapshot_hours(conn, todo[i : i + 24], limits=limits, run_id=req.run_id,
+                       snapshotted_at=req.now)
     if todo:
         log.info("hours_rebuilt", period=req.period, hours=len(todo))
     return len(todo)

@@ -38,7 +38,7 @@ from metering import db
 from metering.errors import ConfigError, InvalidBatch, MeteringError
 from metering.ingest import IngestSummary, ingest_lines
 from metering.settings import Settings
-from metering.timeutil import month_bounds, previous_period
+from metering.timeutil import floor_hour, month_bounds, previous_period
 
 __all__ = ["cli", "main"]
 
@@ -244,6 +244,10 @@ def backfill(job: str, start: str, end: str, fmt: str) -> None:
     if spec.name != "snapshot-usage":
         fail(f"job {job!r} has no hourly backfill (only snapshot-usage)", EXIT_BAD_INPUT)
     a, b = parse_at(start, "--from"), parse_at(end, "--to")
+    for value, name in ((a, "--from"), (b, "--to")):
+        if value != floor_hour(value):
+            fail(f"{name} {value.isoformat()} is not on the hour: backfill snapshots whole "
+                 "hours [--from, --to)", EXIT_BAD_INPUT)
     if b <= a:
         fail(f"--to {end} must be after --from {start}", EXIT_BAD_INPUT)
     hours = snapshot_usage.backfill_hours(a, b)

@@ -10,16 +10,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 
+from billing.catalog import catalog_for
+from billing.service import limits_for
 from jobs.runtime import JobContext
-from metering.snapshot import MetricLimits, snapshot_hour
-from metering.timeutil import HOUR, floor_hour, hours_between
+from metering.snapshot import MetricLimits, snapshot_hours
+from metering.timeutil import HOUR, floor_hour, hours_between, period_of
 
 __all__ = ["DEFAULT_LOOKBACK", "backfill_hours", "run", "window"]
 
 DEFAULT_LOOKBACK = 3
+CHUNK_HOURS = 24
 
 
 def window(logical_time: datetime, lookback: int = DEFAULT_LOOKBACK) -> list[datetime]:
@@ -35,6 +39,11 @@ def backfill_hours(start: datetime, end: datetime) -> list[datetime]:
     return list(hours_between(start, end))
 
 
+def _limits(hour: datetime, zone: ZoneInfo) -> MetricLimits:
+    """The per-host metric limits of the catalog in force for the month containing ``hour``."""
+    return limits_for(catalog_for(period_of(hour, zone)))
+
+
 def run(
     ctx: JobContext,
     logical_time: datetime,
@@ -43,29 +52,45 @@ def run(
     hours: Sequence[datetime] | None = None,
     limits: MetricLimits | None = None,
 ) -> dict[str, Any]:
-    """Snapshot ``hours`` (default: the window of ``logical_time``); returns the run's counts."""
+    """Snapshot ``hours`` (default: the window of ``logical_time``); returns the run's counts.
+
+    Hours are written in chunks of up to :data:`CHUNK_HOURS` (one transaction each), grouped so
+    that a chunk never spans two billing months (each month's catalog gives the metric limits,
+    unless ``limits`` is passed).
+    """
     log = structlog.get_logger("hostmeter.snapshot")
-    todo = list(hours) if hours is not None else window(logical_time, lookback)
-    limits = limits or MetricLimits()
+    todo = sorted(hours) if hours is not None else window(logical_time, lookback)
+    zone = ctx.settings.zone
     tenant_hours = hosts = metrics = roles = 0
     tenants_max = 0
-    for done, hour in enumerate(todo, start=1):
+    done = 0
+    chunks: list[list[datetime]] = []
+    for hour in todo:
+        if (chunks and len(chunks[-1]) < CHUNK_HOURS
+                and period_of(chunks[-1][0], zone) == period_of(hour, zone)):
+            chunks[-1].append(hour)
+        else:
+            chunks.append([hour])
+    for chunk in chunks:
         with ctx.engine.begin() as conn:
-            result = snapshot_hour(
-                conn, hour, limits=limits, run_id=ctx.run_id, snapshotted_at=ctx.clock()
+            results = snapshot_hours(
+                conn, chunk, limits=limits or _limits(chunk[0], zone), run_id=ctx.run_id,
+                snapshotted_at=ctx.clock(),
             )
-        tenant_hours += result.tenants
-        tenants_max = max(tenants_max, result.tenants)
-        hosts += result.standard_hosts + result.micro_hosts
-        metrics += result.host_metrics
-        roles += result.roles
-        log.debug(
-            "hour_snapshotted",
-            hour=hour.isoformat(),
-            tenants=result.tenants,
-            standard_hosts=result.standard_hosts,
-            micro_hosts=result.micro_hosts,
-        )
+        for result in results:
+            tenant_hours += result.tenants
+            tenants_max = max(tenants_max, result.tenants)
+            hosts += result.standard_hosts + result.micro_hosts
+            metrics += result.host_metrics
+            roles += result.roles
+            log.debug(
+                "hour_snapshotted",
+                hour=result.hour.isoformat(),
+                tenants=result.tenants,
+                standard_hosts=result.standard_hosts,
+                micro_hosts=result.micro_hosts,
+            )
+        done += len(chunk)
         if ctx.progress is not None:
             ctx.progress(done, len(todo))
     return {

@@ -69,6 +69,13 @@ class IngestSummary:
         }
 
 
+def service_metric_key(service: str, name: str) -> str:
+    """The dictionary name of a service metric: service metrics are identified by (service,
+    name), so ``req.count`` of service ``web`` and of service ``api`` are two metrics. The
+    length prefix keeps the pair unambiguous whatever characters the names hold."""
+    return f"{len(service)}:{service}:{name}"
+
+
 def _bits_to_bytes(bits: int) -> bytes:
     return bits.to_bytes((bits.bit_length() + 7) // 8 or 1, "little")
 
@@ -190,7 +197,8 @@ class _Writer:
                 hour = floor_hour(r.at)
                 s.hours.add(hour)
                 skey = (t, hour)
-                service_acc[skey] = service_acc.get(skey, 0) | self._bits(t, "service", r.metrics)
+                names = tuple(service_metric_key(r.service, n) for n in r.metrics)
+                service_acc[skey] = service_acc.get(skey, 0) | self._bits(t, "service", names)
             elif isinstance(r, PlanChange):
                 plans[(t, r.at)] = r.plan
             elif isinstance(r, MonitorChange):

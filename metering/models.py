@@ -4,7 +4,8 @@ Recorded usage (written by ingest, idempotently):
 
 - ``tenants``, ``hosts``: surrogate integer ids for the external keys.
 - ``metric_names``: per tenant and namespace (``host``/``service``), each distinct metric name
-  gets a dense ordinal. It is the dictionary for the bitmaps below.
+  gets a dense ordinal. It is the dictionary for the bitmaps below. A service metric is named
+  by its service and its name together (``metering.ingest.service_metric_key``).
 - ``host_hours``: one row per (host, UTC hour) with the bitmap of the metric ordinals the host
   posted in that hour and its population count (``metric_count``). Merging a later post is a
   bitwise OR, so counts stay exact, re-loading a post changes nothing, and there is no row per
@@ -69,7 +70,7 @@ metric_names = sa.Table(
     metadata,
     sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"), primary_key=True),
     sa.Column("namespace", sa.String(16), primary_key=True),
-    sa.Column("name", sa.String(500), primary_key=True),
+    sa.Column("name", sa.String(800), primary_key=True),
     sa.Column("ordinal", sa.Integer, nullable=False),
     sa.UniqueConstraint("tenant_id", "namespace", "ordinal"),
     sa.CheckConstraint("namespace IN ('host', 'service')", name="namespace"),

@@ -42,7 +42,7 @@ def upgrade() -> None:
     op.create_table('metric_names',
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.Column('namespace', sa.String(length=16), nullable=False),
-    sa.Column('name', sa.String(length=500), nullable=False),
+    sa.Column('name', sa.String(length=800), nullable=False),
     sa.Column('ordinal', sa.Integer(), nullable=False),
     sa.CheckConstraint("namespace IN ('host', 'service')", name=op.f('ck_metric_names_namespace')),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_metric_names_tenant_id_tenants')),

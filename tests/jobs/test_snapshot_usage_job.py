@@ -400,11 +400,12 @@ def test_failed_run_logs_one_finished_with_the_error(
 
 @pytest.mark.usefixtures("default_structlog")
 @pytest.mark.parametrize("returned", [None, 42], ids=["none", "int"])
-def test_a_body_that_returns_no_counts_is_a_failed_run(
-    engine: Engine, db_url: str, returned: Any
-) -> None:
+def test_a_body_that_returns_no_counts_is_a_failed_run(returned: Any) -> None:
+    engine = db.create_engine("sqlite://")  # the body never touches it
+    ctx = context(engine, "sqlite://")
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
-        result = run_job("broken", lambda _ctx, _t: returned, context(engine, db_url), T)
+        result = run_job("broken", lambda _ctx, _t: returned, ctx, T)
+    engine.dispose()
     assert result.status == "failed"
     assert result.counts == {}
     assert [e["event"] for e in events] == ["job_started", "job_error", "job_finished"]

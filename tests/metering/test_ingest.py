@@ -130,9 +130,12 @@ def service_hours(engine: Engine) -> dict[tuple[str, str], frozenset[str]]:
     with engine.connect() as conn:
         names = _dictionaries(conn)
         for tenant, hour, count, bits, tenant_id in conn.execute(q):
-            metrics = _decode(bits, names.get((tenant_id, "service"), {}))
-            assert count == len(metrics), "metric_count disagrees with the bitmap"
-            out[(tenant, hour.strftime("%m-%dT%H"))] = metrics
+            keys = _decode(bits, names.get((tenant_id, "service"), {}))
+            assert count == len(keys), "metric_count disagrees with the bitmap"
+            # dictionary names are "<len(service)>:<service>:<name>"; compare metric names
+            out[(tenant, hour.strftime("%m-%dT%H"))] = frozenset(
+                k.split(":", 1)[1][int(k.split(":", 1)[0]) + 1 :] for k in keys
+            )
     return out
 
 
@@ -610,3 +613,20 @@ def test_input_is_consumed_lazily_in_batches(engine: Engine) -> None:
     assert host_hours(engine) == {
         ("acme", f"h-{i}", "10-15T10"): ("standard", F("ab")) for i in range(10)
     }
+
+
+def test_service_metrics_are_distinct_per_service_and_name(engine: sa.Engine) -> None:
+    from datetime import UTC, datetime
+
+    from metering.ingest import UsageRecorder
+    from metering.records import ServicePost
+
+    at = datetime(2026, 10, 15, 10, 3, tzinfo=UTC)
+    UsageRecorder(engine).record([
+        ServicePost(tenant="acme", service="web", at=at, metrics=("req.count", "latency")),
+        ServicePost(tenant="acme", service="api", at=at, metrics=("req.count",)),
+        ServicePost(tenant="acme", service="web", at=at, metrics=("req.count",)),
+    ])
+    with engine.connect() as conn:
+        count = conn.execute(sa.text("SELECT metric_count FROM service_hours")).scalar_one()
+    assert count == 3  # web/req.count, web/latency, api/req.count
