@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from jobs.fleet import metric_names
-from metering.timeutil import HOUR, hours_between, month_bounds
 from metering.settings import Settings
+from metering.timeutil import HOUR, hours_between, month_bounds
 
 PERIOD = "2026-10"
 AFTER = "2026-11-01T03:00:00+09:00"  # the scheduled close time
