@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import click
 
+from billing.errors import BillingError
 from jobs import registry, snapshot_usage
 from jobs._logging import configure_logging
 from jobs.bench import bench_command
@@ -216,21 +217,42 @@ def _finish(result: JobResult, fmt: str = "table") -> None:
 @click.argument("job")
 @click.option("--at", "at", metavar="ISO8601",
               help="Logical (scheduled) time, e.g. <aws.scheduler.scheduled-time>. Default: now.")
+@click.option("--period", metavar="YYYY-MM",
+              help="Monthly jobs: the month (default: the month before --at).")
+@click.option("--tenant", "tenants", multiple=True, metavar="ID",
+              help="Monthly jobs: only this tenant (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Monthly jobs: compute and show, write nothing.")
 @click.option("--lookback", type=click.IntRange(0, 48), default=snapshot_usage.DEFAULT_LOOKBACK,
               show_default=True, help="snapshot-usage: earlier hours to re-snapshot.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def run_cmd(job: str, at: str | None, lookback: int, fmt: str) -> None:
-    """Run JOB once for the logical time --at.
+def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ...],
+            dry_run: bool, lookback: int, fmt: str) -> None:
+    """Run JOB once for the logical time --at (what EventBridge Scheduler runs).
 
     \b
     Jobs:
-      snapshot-usage  the full hour before --at plus --lookback earlier hours
+      snapshot-usage        the full hour before --at plus --lookback earlier hours
+      close-billing-period  the month before --at (or --period): draft invoices
+      finalize-invoices     the month before --at (or --period): drafts become final
     """
     spec = registry.get(job)
     logical = parse_at(at)
+    given = {"period": period, "tenants": tenants, "dry_run": dry_run}
+    unused = [f"--{k.replace('_', '-').rstrip('s')}" for k, v in given.items()
+              if v and k not in spec.options]
+    if unused:
+        fail(f"job {spec.name} takes no {', '.join(unused)}", EXIT_BAD_INPUT)
+    options: dict[str, Any] = {k: v for k, v in given.items() if k in spec.options}
+    if "lookback" in spec.options:
+        options["lookback"] = lookback
+    if period is not None:
+        month_bounds(period, current_state().settings.zone)  # a bad period is bad input
     engine = current_state().engine()
     ctx = JobContext(engine=engine, settings=current_state().settings)
-    _finish(run_job(spec.name, spec.run, ctx, logical, lookback=lookback), fmt)
+    result = run_job(spec.name, spec.run, ctx, logical, **options)
+    if result.exception is not None and isinstance(result.exception, MeteringError | BillingError):
+        raise translate(result.exception)
+    _finish(result, fmt)
 
 
 @cli.command()

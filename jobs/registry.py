@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jobs import snapshot_usage
+from jobs import billing_jobs, snapshot_usage
 from jobs.errors import UnknownJob
 
 __all__ = ["JOBS", "JobSpec", "get"]
@@ -26,6 +26,8 @@ class JobSpec:
     timezone: str
     description: str
     run: Callable[..., dict[str, Any]]
+    options: frozenset[str] = frozenset()
+    """The ``hostmeter run`` options this job takes (beyond ``--at``)."""
     shardable: bool = False
 
 
@@ -38,6 +40,24 @@ JOBS: dict[str, JobSpec] = {
             timezone="UTC",
             description="snapshot the previous full hour (+ look-back) into usage_snapshots",
             run=snapshot_usage.run,
+            options=frozenset({"lookback"}),
+        ),
+        JobSpec(
+            name="close-billing-period",
+            schedule="cron(0 3 1 * ? *)",
+            timezone="Asia/Tokyo",
+            description="close the previous month: draft invoices for every paying tenant",
+            run=billing_jobs.close,
+            options=frozenset({"period", "tenants", "dry_run"}),
+            shardable=True,
+        ),
+        JobSpec(
+            name="finalize-invoices",
+            schedule="cron(0 3 4 * ? *)",
+            timezone="Asia/Tokyo",
+            description="make the previous month's draft invoices final",
+            run=billing_jobs.finalize,
+            options=frozenset({"period", "tenants", "dry_run"}),
         ),
     )
 }

@@ -539,3 +539,13 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(engine: Engine, 
     assert ledger(engine) == []
     assert dump(engine) == before
     assert [e for e in cli.events() if e["event"].startswith("job_")] == []
+
+
+def test_run_rejects_options_the_job_does_not_take(tmp_path: Path) -> None:
+    env = {**os.environ, "HOSTMETER_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}",
+           "HOSTMETER_LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "run", "snapshot-usage", "--period", "2026-10"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "hostmeter: error: job snapshot-usage takes no --period" in proc.stderr
