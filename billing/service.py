@@ -196,6 +196,18 @@ def _rebuild(
     return len(todo)
 
 
+BILLING_LOCK_KEY = 0x686D5F62  # "hm_b"
+
+
+def _lock_period(conn: Connection, period: str) -> None:
+    """One writer of a period's invoices at a time (PostgreSQL; SQLite's BEGIN IMMEDIATE
+    already serialises writers), so two closes at once cannot both write revision 1."""
+    if conn.dialect.name == "postgresql":
+        year, month = period.split("-")
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k, :p)"),
+                     {"k": BILLING_LOCK_KEY, "p": int(year) * 12 + int(month)})
+
+
 def _bill(
     conn: Connection,
     req: BillingRequest,
@@ -205,6 +217,7 @@ def _bill(
     rebuilt: int,
     rate_fn: RateFn,
 ) -> BillingOutcome:
+    _lock_period(conn, req.period)
     start, end = month_bounds(req.period, req.zone)
     n = int((end - start) / HOUR)
     tenant_ids = repo.resolve_tenants(conn, req.tenants) if req.tenants else None
@@ -375,6 +388,7 @@ def finalize_period(
     """Make every current draft of the period final (one statement)."""
     catalog = catalog_for(req.period, catalogs)
     with _transaction(engine, dry_run=req.dry_run) as conn:
+        _lock_period(conn, req.period)
         ids = list(repo.resolve_tenants(conn, req.tenants).values()) if req.tenants else None
         count = repo.finalize_drafts(conn, req.period, req.now, ids)
         result = BillingOutcome(period=req.period, action="finalize", dry_run=req.dry_run,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from metering import models as m
 from metering.ingest import UsageRecorder
 from metering.records import HostPost, MonitorChange, PlanChange, Record
 from metering.settings import Settings
+from metering.snapshot import MetricLimits, snapshot_hours
 from metering.timeutil import HOUR, hours_between, month_bounds
 
 ZONE = Settings().zone
@@ -232,3 +234,42 @@ def test_monitor_only_tenant_pays_the_minimum_charge(engine: Engine,
     close_period(engine, request())
     [inv] = invoices(engine)["mon"]
     assert [ln["item"] for ln in inv.lines] == ["minimum_charge"] and inv.total == 1833
+
+
+def test_two_closes_at_once_write_one_revision(engine: Engine, recorder: UsageRecorder) -> None:
+    import threading
+
+    recorder.record(fleet("a", 1) + fleet("b", 2))
+    with engine.begin() as conn:  # every hour snapshotted: the closes go straight to billing
+        snapshot_hours(conn, list(hours_between(START, END)), limits=MetricLimits(),
+                       run_id="pre", snapshotted_at=AFTER)
+    arrived = threading.Barrier(3)
+
+    def rate_together(sums: MonthSums, catalog: Catalog) -> Rating:
+        # Without the period lock all three closes meet here and insert revision 1 at once;
+        # with it, the first waits in vain (timeout) and the others come after it has committed.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            arrived.wait(timeout=2)
+        return rate(sums, catalog)
+
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def close(i: int) -> None:
+        try:
+            results.append(close_period(engine, request(run_id=f"parallel-{i}"),
+                                        rate_fn=rate_together))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=close, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [r.status for r in results] == ["succeeded"] * 3
+    assert sorted(t.action for r in results for t in r.tenants) == (
+        ["created"] * 2 + ["unchanged"] * 4)
+    assert {k: [r.revision for r in v] for k, v in invoices(engine).items()} == {
+        "a": [1], "b": [1]}
