@@ -71,6 +71,8 @@ class BillingRequest:
     tenants: tuple[str, ...] = ()
     dry_run: bool = False
     reason: str | None = None
+    owns: Callable[[str], bool] | None = None
+    """A shard's share of the tenants (``None``: all of them)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -233,11 +235,13 @@ def _bill(
         (k, s.free_max_hosts) for k, s in sums.items()
         if s.free_max_hosts > catalog.free_plan_hosts
     ))
+    candidates = sorted({k for k, s in sums.items() if s.paid_hours > 0} | set(existing))
+    if req.owns is not None:
+        candidates = [k for k in candidates if req.owns(k)]
+        free = tuple((k, h) for k, h in free if req.owns(k))
     for tenant, hosts in free:
         log.warning("free_tenant_over_limit", tenant=tenant, hosts=hosts,
                     limit=catalog.free_plan_hosts, period=req.period)
-
-    candidates = sorted({k for k, s in sums.items() if s.paid_hours > 0} | set(existing))
     outcomes: list[TenantOutcome] = []
     for tenant in candidates:
         month = sums.get(tenant) or MonthSums(tenant=tenant, hours_in_month=n, paid_hours=0)

@@ -5,7 +5,9 @@ set-based SQL, then measures three things and prints one JSON document:
 
 - **generate**: wall time to write the fleet (``generate_s``), step by step;
 - **ingest**: metric observations (metric names in posts) per second through
-  :meth:`metering.ingest.UsageRecorder.record`, the API of the metric-post path;
+  :meth:`metering.ingest.UsageRecorder.record`, the API of the metric-post path: a sample of
+  agent posts (one a minute per host, ~100 names each) in calls of ``posts_per_call`` posts,
+  then a few lone posts, one call (one transaction) each;
 - **snapshot**: a month of hours through ``snapshot-usage`` (:func:`jobs.snapshot_usage.run`
   under :func:`jobs.runtime.run_job`), beside the *floor*: the time of one plain aggregate
   statement that reads the same ``host_hours`` rows, and the ratio of the two.
@@ -30,6 +32,13 @@ same tier always gives the same rows):
 - ``service_hours`` every hour for ``t % 4 == 1``; 1–5 URL monitors for ``t % 3 == 0``, some
   deleted mid-month; an anomaly-detection role with all its standard hosts for ``t % 50 == 7``.
 
+Generation is set-based SQL only: ``INSERT … SELECT`` from temporary tables of integers and
+hours made by ``generate_series`` (PostgreSQL) or a recursive CTE (SQLite). ``host_hours`` is
+written one day per transaction, hour by hour, in the order ingest writes a live database, so
+each hour's rows sit together on disk as they would in production (snapshots read one hour at
+a time). Then PostgreSQL gets ``VACUUM ANALYZE`` and SQLite a WAL checkpoint, the steady state
+of a database that autovacuum (or the last checkpoint) has caught up with.
+
 ``metric_bits`` of a generated row is the bitmap of ordinals ``0 … metric_count-1`` (so its
 population count *is* ``metric_count``), taken from a small lookup table; the generated tenants
 have **no** ``metric_names`` dictionary, so they must never receive real posts (snapshots only
@@ -38,7 +47,8 @@ which the real ingest path creates, dictionary included.
 
 Safety: bench refuses (exit 2) a database that holds any tenant whose key does not start with
 ``bench-``, and deletes the previous bench data before generating, so it can be re-run. The
-check and the deletion are one transaction that holds the ingest lock.
+check and the deletion are one transaction that holds the ingest lock; it also refuses, and
+deletes nothing, when other data (invoices, say) still refers to the bench tenants.
 """
 
 from __future__ import annotations
@@ -242,12 +252,29 @@ def _delete_bench_data(conn: Connection) -> None:
         # (no index leads with tenant_id), which would scan millions of dead rows per tenant.
         conn.exec_driver_sql("TRUNCATE " + ", ".join(_TENANT_TABLES))
     else:
-        for name in _TENANT_TABLES:  # no WHERE: SQLite's truncate optimisation applies
+        for name in _TENANT_TABLES:  # no WHERE (and no foreign keys): emptied wholesale
             conn.exec_driver_sql(f"DELETE FROM {name}")
     sh = m.snapshot_hours
     conn.execute(sa.delete(sh).where(sh.c.run_id.like(f"{SNAPSHOT_RUN_PREFIX}%")))
-    conn.execute(sa.delete(m.hosts))
-    conn.execute(sa.delete(m.tenants))
+    try:
+        conn.execute(sa.delete(m.hosts))
+        conn.execute(sa.delete(m.tenants))
+    except sa.exc.IntegrityError as exc:  # PostgreSQL: e.g. invoices of bench tenants
+        table = getattr(getattr(exc.orig, "diag", None), "table_name", None) or "other tables"
+        raise _still_referenced(conn, [table]) from exc
+    if conn.dialect.name == "sqlite":  # foreign keys are off during the cleanup: check by hand
+        dangling = sorted({row[0] for row in conn.exec_driver_sql("PRAGMA foreign_key_check")})
+        if dangling:
+            raise _still_referenced(conn, dangling)
+
+
+def _still_referenced(conn: Connection, tables: list[str]) -> BenchRefused:
+    return BenchRefused(
+        f"refusing to bench {db.redact_url(str(conn.engine.url))}: {', '.join(tables)} still "
+        "refer to bench tenants (did billing run on it?); bench deletes only usage data, so "
+        "point --database-url at a fresh scratch database",
+        tables=tables,
+    )
 
 
 # --- generation -----------------------------------------------------------------------------
@@ -469,10 +496,19 @@ def generate_fleet(
 
     with engine.connect() as conn:
         t0 = time.perf_counter()
-        with conn.begin():
-            _lock_ingest(conn)
-            check_bench_database(conn)
-            _delete_bench_data(conn)
+        if dialect == "sqlite":
+            # SQLite only empties a table wholesale (its truncate optimisation) when no foreign
+            # key involves it; row by row, 20M host_hours take minutes. Children go first, so
+            # nothing dangles. (The pragma is a no-op inside a transaction: set it before.)
+            _driver_sql(conn, "PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                _lock_ingest(conn)
+                check_bench_database(conn)
+                _delete_bench_data(conn)
+        finally:
+            if dialect == "sqlite":
+                _driver_sql(conn, "PRAGMA foreign_keys=ON")
         cleanup_s = time.perf_counter() - t0
 
         started = time.perf_counter()

@@ -19,6 +19,7 @@ from jobs import billing_jobs
 from jobs.clikit import EXIT_BAD_INPUT, EXIT_FAILED, Group, current_state, fail, parse_at
 from jobs.console import err, out, print_table
 from jobs.runtime import JobContext, run_job
+from metering.db import reading
 from metering.timeutil import month_bounds
 
 __all__ = ["billing_group"]
@@ -192,7 +193,7 @@ def show_cmd(period: str, tenants: tuple[str, ...], fmt: str) -> None:
     state = current_state()
     month_bounds(period, state.settings.zone)
     engine = state.engine()
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         ids = list(repo.resolve_tenants(conn, tenants).values()) if tenants else None
         stored = repo.load_invoices(conn, period, ids)
     invoices = [inv for key in sorted(stored) for inv in stored[key]]

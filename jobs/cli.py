@@ -34,6 +34,16 @@ from jobs.clikit import (
     translate,
 )
 from jobs.console import out, print_table, progress
+from jobs.models import RUN_STATUSES
+from jobs.runner import (
+    DEFAULT_WAIT_S,
+    RunOutcome,
+    RunRequest,
+    Shard,
+    execute,
+    list_runs,
+    parse_shard,
+)
 from jobs.runtime import JobContext, JobResult, run_job
 from metering import db
 from metering.errors import ConfigError, InvalidBatch, MeteringError
@@ -207,8 +217,7 @@ def _finish(result: JobResult, fmt: str = "table") -> None:
         }, default=str))
     else:
         counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
-        out.print(f"{result.job} {result.status} in {result.duration_s:.2f}s: {counts}",
-                  markup=False)
+        click.echo(f"{result.job} {result.status} in {result.duration_s:.2f}s: {counts}")
     if not result.ok:
         fail(f"{result.job} {result.status}: {result.error or 'see logs'}", EXIT_FAILED)
 
@@ -220,13 +229,20 @@ def _finish(result: JobResult, fmt: str = "table") -> None:
 @click.option("--period", metavar="YYYY-MM",
               help="Monthly jobs: the month (default: the month before --at).")
 @click.option("--tenant", "tenants", multiple=True, metavar="ID",
-              help="Monthly jobs: only this tenant (repeatable).")
+              help="Monthly jobs: only this tenant (repeatable; not recorded as the period's run).")
+@click.option("--shard", metavar="I/N", help="Work on shard I of N (0-based) of the tenants.")
 @click.option("--dry-run", is_flag=True, help="Monthly jobs: compute and show, write nothing.")
+@click.option("--force", is_flag=True, help="Run even if this key already succeeded.")
+@click.option("--trigger", type=click.Choice(["manual", "schedule", "retry"]), default="manual",
+              show_default=True, help="Recorded in the ledger (EventBridge passes schedule).")
 @click.option("--lookback", type=click.IntRange(0, 48), default=snapshot_usage.DEFAULT_LOOKBACK,
               show_default=True, help="snapshot-usage: earlier hours to re-snapshot.")
+@click.option("--wait", "wait_s", type=click.FloatRange(0), default=DEFAULT_WAIT_S,
+              show_default=True, help="Seconds to wait for a run of the same key to finish.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ...],
-            dry_run: bool, lookback: int, fmt: str) -> None:
+            shard: str | None, dry_run: bool, force: bool, trigger: str, lookback: int,
+            wait_s: float, fmt: str) -> None:
     """Run JOB once for the logical time --at (what EventBridge Scheduler runs).
 
     \b
@@ -234,25 +250,86 @@ def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ..
       snapshot-usage        the full hour before --at plus --lookback earlier hours
       close-billing-period  the month before --at (or --period): draft invoices
       finalize-invoices     the month before --at (or --period): drafts become final
+
+    Every run is recorded in the ledger (`hostmeter runs`). A key (job, window,
+    shard) that already succeeded is skipped (exit 0) unless --force; a second
+    trigger for a key that is running waits for it; a run killed mid-way is
+    retried by the next trigger. --dry-run and --tenant runs are not recorded.
     """
     spec = registry.get(job)
     logical = parse_at(at)
-    given = {"period": period, "tenants": tenants, "dry_run": dry_run}
+    given = {"period": period, "tenants": tenants, "dry_run": dry_run, "shard": shard}
     unused = [f"--{k.replace('_', '-').rstrip('s')}" for k, v in given.items()
-              if v and k not in spec.options]
+              if v and k not in spec.options and not (k == "shard" and spec.shardable)]
     if unused:
         fail(f"job {spec.name} takes no {', '.join(unused)}", EXIT_BAD_INPUT)
-    options: dict[str, Any] = {k: v for k, v in given.items() if k in spec.options}
+    options: dict[str, Any] = {k: v for k, v in given.items()
+                               if k in spec.options and v not in (None, (), False)}
     if "lookback" in spec.options:
         options["lookback"] = lookback
     if period is not None:
         month_bounds(period, current_state().settings.zone)  # a bad period is bad input
+    the_shard = parse_shard(shard) if shard else Shard()
     engine = current_state().engine()
-    ctx = JobContext(engine=engine, settings=current_state().settings)
-    result = run_job(spec.name, spec.run, ctx, logical, **options)
-    if result.exception is not None and isinstance(result.exception, MeteringError | BillingError):
-        raise translate(result.exception)
-    _finish(result, fmt)
+    settings = current_state().settings
+    if dry_run or tenants:
+        ctx = JobContext(engine=engine, settings=settings)
+        if spec.shardable:
+            options["shard"] = the_shard
+        result = run_job(spec.name, spec.run, ctx, logical, **options)
+        if result.exception is not None and isinstance(result.exception,
+                                                       MeteringError | BillingError):
+            raise translate(result.exception)
+        _finish(result, fmt)
+        return
+    outcome = execute(engine, settings, RunRequest(
+        job=spec.name, scheduled_time=logical, trigger=trigger, shard=the_shard, force=force,
+        options=options), wait_s=wait_s)
+    if outcome.exception is not None and isinstance(outcome.exception,
+                                                    MeteringError | BillingError):
+        raise translate(outcome.exception)
+    _print_outcome(outcome, fmt)
+
+
+def _print_outcome(outcome: RunOutcome, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(outcome.as_dict(), default=str))
+    else:
+        counts = ", ".join(f"{k}={v}" for k, v in outcome.counts.items())
+        why = f" ({outcome.error})" if outcome.status == "skipped" and outcome.error else ""
+        click.echo(f"{outcome.job} {outcome.status}{why} [{outcome.shard}] "
+                   f"{outcome.logical_time.isoformat()} attempt {outcome.attempt}"
+                   + (f": {counts}" if counts else ""))
+    if outcome.exit_code:
+        fail(f"{outcome.job} {outcome.status}: {outcome.error or 'see logs'}", EXIT_FAILED)
+
+
+@cli.command("runs")
+@click.option("--job", help="Only this job.")
+@click.option("--status", type=click.Choice(list(RUN_STATUSES)), help="Only this status.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def runs_cmd(job: str | None, status: str | None, limit: int, fmt: str) -> None:
+    """The run ledger, newest first: one row per attempt of a job for a key."""
+    if job is not None:
+        registry.get(job)
+    rows = list_runs(current_state().engine(), job=job, status=status, limit=limit)
+    if fmt == "json":
+        click.echo(json.dumps(rows, default=str))
+        return
+    print_table("runs", ["started", "job", "logical time", "shard", "trigger", "attempt",
+                         "status", "duration", "error"],
+                [[r["started_at"][:19], r["job"], r["logical_time"], r["shard"], r["trigger"],
+                  r["attempt"], r["status"], _duration(r), (r["error"] or "")[:60]]
+                 for r in rows], right=["attempt", "duration"])
+
+
+def _duration(row: dict[str, Any]) -> str:
+    if not row["finished_at"]:
+        return ""
+    seconds = (datetime.fromisoformat(row["finished_at"])
+               - datetime.fromisoformat(row["started_at"])).total_seconds()
+    return f"{seconds:.1f}s"
 
 
 @cli.command()
@@ -275,10 +352,10 @@ def backfill(job: str, start: str, end: str, fmt: str) -> None:
     hours = snapshot_usage.backfill_hours(a, b)
     engine = current_state().engine()
     with progress("snapshot-usage", len(hours)) as update:
-        ctx = JobContext(engine=engine, settings=current_state().settings, trigger="backfill",
-                         progress=update)
-        result = run_job(spec.name, spec.run, ctx, a, hours=hours)
-    _finish(result, fmt)
+        outcome = execute(engine, current_state().settings, RunRequest(
+            job=spec.name, scheduled_time=a, trigger="backfill", options={"hours": hours}),
+            progress=update)
+    _print_outcome(outcome, fmt)
 
 
 # --- demo ----------------------------------------------------------------------------------

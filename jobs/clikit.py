@@ -15,7 +15,7 @@ import click
 from sqlalchemy.engine import Engine
 
 from billing.errors import BillingError, CatalogError, ReasonRequired, UnknownTenant
-from jobs.errors import JobError, UnknownJob
+from jobs.errors import BadTrigger, JobError, UnknownJob
 from metering import db
 from metering.errors import (
     ConfigError,
@@ -69,7 +69,7 @@ def fail(message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
 
 def translate(exc: Exception) -> click.ClickException:
     if isinstance(exc, InvalidWindow | InvalidRecord | InvalidBatch | ConfigError | UnknownJob
-                  | ReasonRequired | UnknownTenant | CatalogError):
+                  | BadTrigger | ReasonRequired | UnknownTenant | CatalogError):
         return CliError(str(exc), EXIT_BAD_INPUT)
     if isinstance(exc, MeteringError | JobError | BillingError):
         return CliError(str(exc), EXIT_FAILED)

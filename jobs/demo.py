@@ -18,6 +18,7 @@ from billing.service import BillingOutcome
 from jobs import billing_jobs, snapshot_usage
 from jobs.fleet import FleetTenant, demo_fleet
 from jobs.runtime import JobContext, JobResult, run_job
+from metering.db import reading
 from metering.ingest import IngestSummary, UsageRecorder
 from metering.records import Record
 from metering.report import TenantMonth, coverage, month_usage
@@ -70,7 +71,7 @@ def run_demo(
     outcomes: list[BillingOutcome] = []
     closed = run_job("close-billing-period", billing_jobs.close, ctx, end, period=period,
                      outcomes=outcomes)
-    with ctx.engine.connect() as conn:
+    with reading(ctx.engine) as conn:
         usage = month_usage(conn, start, end)
         covered = coverage(conn, start, end)
         stored = load_invoices(conn, period)

@@ -4,6 +4,7 @@ The tree::
 
     JobError
     ├── UnknownJob       no job of that name is registered
+    ├── BadTrigger       a trigger (shard, event payload, option) is malformed
     └── JobFailed        a run ended failed or partial (carries ``status`` and ``run_id``)
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["JobError", "JobFailed", "UnknownJob"]
+__all__ = ["BadTrigger", "JobError", "JobFailed", "UnknownJob"]
 
 
 class JobError(Exception):
@@ -28,6 +29,10 @@ class JobError(Exception):
 
 class UnknownJob(JobError):
     """No job of that name is registered."""
+
+
+class BadTrigger(JobError):
+    """A trigger is malformed (bad shard, bad event payload, an option the job does not take)."""
 
 
 class JobFailed(JobError):

@@ -6,12 +6,15 @@ read (or are tested against) this table.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from jobs import billing_jobs, snapshot_usage
 from jobs.errors import UnknownJob
+from metering.timeutil import floor_hour, month_bounds, previous_period
 
 __all__ = ["JOBS", "JobSpec", "get"]
 
@@ -26,9 +29,22 @@ class JobSpec:
     timezone: str
     description: str
     run: Callable[..., dict[str, Any]]
+    key_time: Callable[[datetime, ZoneInfo, Mapping[str, Any]], datetime]
+    """Scheduled time (and options) → the normalized start of the window: the ledger key."""
     options: frozenset[str] = frozenset()
     """The ``hostmeter run`` options this job takes (beyond ``--at``)."""
     shardable: bool = False
+
+
+def _hour_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> datetime:
+    """Hourly jobs: the hour the trigger belongs to (10:05 and 10:07 are one key)."""
+    return floor_hour(at)
+
+
+def _month_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> datetime:
+    """Monthly jobs: the start of the billed month (``--period``, or the month before)."""
+    period = options.get("period") or previous_period(at, zone)
+    return month_bounds(period, zone)[0]
 
 
 JOBS: dict[str, JobSpec] = {
@@ -40,6 +56,7 @@ JOBS: dict[str, JobSpec] = {
             timezone="UTC",
             description="snapshot the previous full hour (+ look-back) into usage_snapshots",
             run=snapshot_usage.run,
+            key_time=_hour_key,
             options=frozenset({"lookback"}),
         ),
         JobSpec(
@@ -48,6 +65,7 @@ JOBS: dict[str, JobSpec] = {
             timezone="Asia/Tokyo",
             description="close the previous month: draft invoices for every paying tenant",
             run=billing_jobs.close,
+            key_time=_month_key,
             options=frozenset({"period", "tenants", "dry_run"}),
             shardable=True,
         ),
@@ -57,6 +75,7 @@ JOBS: dict[str, JobSpec] = {
             timezone="Asia/Tokyo",
             description="make the previous month's draft invoices final",
             run=billing_jobs.finalize,
+            key_time=_month_key,
             options=frozenset({"period", "tenants", "dry_run"}),
         ),
     )

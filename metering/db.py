@@ -27,6 +27,7 @@ __all__ = [
     "head_revision",
     "insert_ignore",
     "metadata",
+    "reading",
     "redact_url",
     "upgrade",
     "upsert",
@@ -88,11 +89,24 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cur.close()
 
 
+READ_ONLY = {"hostmeter_read_only": True}
+"""Execution options for a connection that only reads (see :func:`reading`)."""
+
+
 def _sqlite_begin(conn: Connection) -> None:
-    # Take the write lock up front: two writers then queue on busy_timeout instead of failing
-    # with SQLITE_BUSY when a reader tries to upgrade, and a transaction is one unit across
-    # processes (this is how SQLite keeps concurrent jobs from interleaving).
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Writers take the write lock up front: two writers then queue on busy_timeout instead of
+    # failing with SQLITE_BUSY when a reader tries to upgrade, and a transaction is one unit
+    # across processes (this is how SQLite keeps concurrent jobs from interleaving). Readers
+    # begin deferred and, in WAL mode, never wait for a writer.
+    if conn.get_execution_options().get("hostmeter_read_only"):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reads only: on SQLite it does not wait for (or block) writers."""
+    return engine.connect().execution_options(**READ_ONLY)
 
 
 def create_engine(url: str, **kwargs: Any) -> Engine:

@@ -130,6 +130,9 @@ def test_bench_reruns_over_its_own_data(bench_engine: sa.Engine) -> None:
         runs = conn.execute(
             sa.select(m.snapshot_hours.c.run_id).distinct()).scalars().all()
     assert runs == [again.snapshot.run_id]
+    if bench_engine.dialect.name == "sqlite":  # switched off for the cleanup, and back on
+        with bench_engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
 
 
 def _seed_real_tenant(engine: sa.Engine) -> None:
@@ -160,6 +163,25 @@ def test_bench_refuses_real_tenants_next_to_bench_data(bench_engine: sa.Engine) 
     with pytest.raises(BenchRefused):
         run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
     assert "acme" in _tenant_keys(bench_engine)
+
+
+def test_bench_refuses_to_orphan_other_data_of_bench_tenants(bench_engine: sa.Engine) -> None:
+    run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    invoices = sa.Table("invoices", sa.MetaData(), autoload_with=bench_engine)
+    with bench_engine.begin() as conn:
+        tenant = conn.execute(
+            sa.select(m.tenants.c.id).where(m.tenants.c.key == "bench-t-1")).scalar_one()
+        conn.execute(sa.insert(invoices).values(
+            tenant_id=tenant, period="2026-10", revision=1, status="draft", currency="JPY",
+            catalog_version="x", standard_units=1, micro_units=0, subtotal=1, tax=0, total=1,
+            minor_units=0, content_hash="x", created_at=datetime(2026, 11, 1, tzinfo=UTC),
+            created_by="test", run_id="x"))
+    with pytest.raises(BenchRefused, match="invoices still refer to bench tenants"):
+        run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    with bench_engine.connect() as conn:  # nothing was deleted
+        assert conn.execute(sa.select(sa.func.count()).select_from(m.hosts)).scalar() == 126
+        if bench_engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
 
 
 # --- the command ---------------------------------------------------------------------------

@@ -465,16 +465,23 @@ def test_cli_run_snapshot_usage(seeded: Engine, cli: Cli) -> None:
     assert role_rows(seeded) == EXPECTED_ROLES
     after_first = dump(seeded)
 
-    proc = cli("run", JOB, "--at", "2026-10-15T10:05:00Z", "--format", "json")
-
+    # The same trigger delivered again: the key (job, hour, shard) already succeeded.
+    proc = cli("run", JOB, "--at", "2026-10-15T10:07:00Z", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["status"] == "succeeded"
-    assert out["logical_time"] == "2026-10-15T10:05:00+00:00"
+    assert (out["status"], out["counts"], out["error"]) == ("skipped", {}, "already succeeded")
+    assert out["logical_time"] == "2026-10-15T10:00:00+00:00"  # the key: the trigger's hour
+    assert dump(seeded) == after_first
+
+    # --force runs it again and reproduces the same rows.
+    proc = cli("run", JOB, "--at", "2026-10-15T10:05:00Z", "--force", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["status"], out["attempt"]) == ("succeeded", 2)
     assert out["counts"] == EXPECTED_COUNTS
     assert dump(seeded) == after_first
     finished = [e for e in cli.events() if e["event"] == "job_finished"]
-    assert len(finished) == 2  # one per process run
+    assert len(finished) == 2  # the skipped trigger did no work
     assert {e["logical_time"] for e in finished} == {"2026-10-15T10:05:00+00:00"}
     assert finished[-1]["run_id"] == out["run_id"]
 

@@ -1,0 +1,247 @@
+"""The runner: at-least-once triggers in, exactly one effective run per key out.
+
+A trigger names a job, a scheduled time and a shard. The job's key time (the normalized start
+of its window) plus the shard make the ledger key. Under the key's lock (see
+:mod:`jobs.locks`):
+
+- the key already succeeded → a ``skipped`` row, exit 0 (unless ``force``); a backfill always
+  runs, and its success never makes a scheduled trigger of the same key skip (a backfill's
+  window is not the scheduled window);
+- a ``running`` row is left over → its process died (we hold the lock): it becomes ``failed``
+  (``abandoned``) and this trigger retries;
+- otherwise a ``running`` row is written, the job runs, and the row gets its final status,
+  counts and error.
+
+A second trigger for a key that is running waits for the lock (``wait_s``) and then, finding the
+first run's success, records ``skipped``; two runs of one key never overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Engine
+
+from jobs import registry
+from jobs.errors import BadTrigger
+from jobs.locks import key_lock
+from jobs.models import job_runs
+from jobs.runtime import JobContext, new_run_id, run_job
+from metering.db import reading
+from metering.settings import Settings
+
+__all__ = [
+    "RunOutcome",
+    "RunRequest",
+    "Shard",
+    "execute",
+    "last_success",
+    "list_runs",
+    "parse_shard",
+]
+
+DEFAULT_WAIT_S = 900.0
+log = structlog.get_logger("hostmeter.runner")
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based): the tenants whose stable hash falls on it."""
+
+    index: int = 0
+    count: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, tenant: str) -> bool:
+        return zlib.crc32(tenant.encode()) % self.count == self.index
+
+
+def parse_shard(text: str) -> Shard:
+    """``I/N`` with ``0 <= I < N`` → :class:`Shard`; anything else is bad input."""
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise BadTrigger(f"shard {text!r} is not I/N (e.g. 0/4)", shard=text) from None
+    if not (n >= 1 and 0 <= i < n):
+        raise BadTrigger(f"shard {text!r}: need 0 <= I < N", shard=text)
+    return Shard(i, n)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRequest:
+    """One delivery of a trigger."""
+
+    job: str
+    scheduled_time: datetime
+    trigger: str = "manual"
+    shard: Shard = Shard()
+    force: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunOutcome:
+    """What a trigger ended as (also the ledger row's content)."""
+
+    run_id: str
+    job: str
+    logical_time: datetime
+    shard: str
+    trigger: str
+    attempt: int
+    status: str
+    counts: dict[str, Any]
+    error: str | None = None
+    exception: BaseException | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status in ("succeeded", "skipped") else 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "job": self.job,
+                "logical_time": self.logical_time.isoformat(), "shard": self.shard,
+                "trigger": self.trigger, "attempt": self.attempt, "status": self.status,
+                "counts": self.counts, "error": self.error}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _identity() -> tuple[str, int]:
+    return socket.gethostname(), os.getpid()
+
+
+def execute(
+    engine: Engine,
+    settings: Settings,
+    req: RunRequest,
+    *,
+    wait_s: float = DEFAULT_WAIT_S,
+    clock: Callable[[], datetime] = _now,
+    progress: Callable[[int, int], None] | None = None,
+) -> RunOutcome:
+    """Run ``req`` at most once per key, recording every attempt in the ledger."""
+    spec = registry.get(req.job)
+    if req.shard.count > 1 and not spec.shardable:
+        raise BadTrigger(f"job {spec.name} works on all tenants at once and cannot be sharded",
+                         job=spec.name)
+    key_time = spec.key_time(req.scheduled_time, settings.zone, req.options)
+    shard = str(req.shard)
+    key = f"{spec.name}|{key_time.isoformat()}|{shard}"
+    run_id = new_run_id()
+    host, pid = _identity()
+    base = dict(run_id=run_id, job=spec.name, logical_time=key_time, shard=shard,
+                trigger=req.trigger, host=host, pid=pid)
+
+    with key_lock(engine, key, wait_s=wait_s) as got:
+        if not got:
+            return _record_skip(engine, base, clock, attempt=0,
+                                reason=f"another run of this key held its lock for {wait_s:g}s")
+        with engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(job_runs.c.run_id, job_runs.c.status, job_runs.c.trigger,
+                          job_runs.c.host, job_runs.c.pid)
+                .where(job_runs.c.job == spec.name, job_runs.c.logical_time == key_time,
+                       job_runs.c.shard == shard)
+            ).all()
+            attempts = sum(1 for r in rows if r.status != "skipped")
+            done = any(r.status == "succeeded" and r.trigger != "backfill" for r in rows)
+            if not req.force and req.trigger != "backfill" and done:
+                conn.execute(sa.insert(job_runs).values(
+                    **base, attempt=attempts, status="skipped", counts={},
+                    error="already succeeded", started_at=clock(), finished_at=clock()))
+                log.info("run_skipped", job=spec.name, logical_time=key_time.isoformat(),
+                         shard=shard, reason="already succeeded")
+                return RunOutcome(**_outcome(base), attempt=attempts, status="skipped",
+                                  counts={}, error="already succeeded")
+            for r in rows:
+                if r.status == "running":
+                    conn.execute(
+                        sa.update(job_runs).where(job_runs.c.run_id == r.run_id).values(
+                            status="failed", finished_at=clock(),
+                            error=f"abandoned: process {r.pid} on {r.host} died mid-run"))
+                    log.warning("run_abandoned", job=spec.name, run_id=r.run_id,
+                                logical_time=key_time.isoformat(), shard=shard)
+            conn.execute(sa.insert(job_runs).values(
+                **base, attempt=attempts + 1, status="running", counts={}, error=None,
+                started_at=clock()))
+
+        options = dict(req.options)
+        if spec.shardable:
+            options["shard"] = req.shard
+        ctx = JobContext(engine=engine, settings=settings, run_id=run_id, trigger=req.trigger,
+                         clock=clock, progress=progress)
+        result = run_job(spec.name, spec.run, ctx, req.scheduled_time, **options)
+        counts = _jsonable(result.counts)
+        with engine.begin() as conn:
+            conn.execute(sa.update(job_runs).where(job_runs.c.run_id == run_id).values(
+                status=result.status, counts=counts, error=result.error, finished_at=clock()))
+    return RunOutcome(**_outcome(base), attempt=attempts + 1, status=result.status,
+                      counts=counts, error=result.error, exception=result.exception)
+
+
+def _outcome(base: dict[str, Any]) -> dict[str, Any]:
+    return {k: base[k] for k in ("run_id", "job", "logical_time", "shard", "trigger")}
+
+
+def _record_skip(engine: Engine, base: dict[str, Any], clock: Callable[[], datetime], *,
+                 attempt: int, reason: str) -> RunOutcome:
+    with engine.begin() as conn:
+        conn.execute(sa.insert(job_runs).values(**base, attempt=attempt, status="skipped",
+                                                counts={}, error=reason, started_at=clock(),
+                                                finished_at=clock()))
+    log.info("run_skipped", job=base["job"], logical_time=base["logical_time"].isoformat(),
+             shard=base["shard"], reason=reason)
+    return RunOutcome(**_outcome(base), attempt=attempt, status="skipped", counts={},
+                      error=reason)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def last_success(engine: Engine, job: str) -> datetime | None:
+    """The key time of the job's latest successful run (all shards), or None."""
+    with reading(engine) as conn:
+        return conn.execute(
+            sa.select(sa.func.max(job_runs.c.logical_time)).where(
+                job_runs.c.job == job, job_runs.c.status == "succeeded")
+        ).scalar_one_or_none()
+
+
+def list_runs(engine: Engine, *, job: str | None = None, status: str | None = None,
+              limit: int = 50) -> list[dict[str, Any]]:
+    """The ledger, newest first."""
+    q = sa.select(job_runs).order_by(job_runs.c.started_at.desc(), job_runs.c.run_id)
+    if job:
+        q = q.where(job_runs.c.job == job)
+    if status:
+        q = q.where(job_runs.c.status == status)
+    with reading(engine) as conn:
+        rows = conn.execute(q.limit(limit)).mappings().all()
+    return [
+        {**dict(r), "logical_time": r["logical_time"].isoformat(),
+         "started_at": r["started_at"].isoformat(),
+         "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None}
+        for r in rows
+    ]
