@@ -118,14 +118,10 @@ class _Writer:
             [{"tenant_id": t, "key": h} for t, h in missing],
             key=["tenant_id", "key"],
         )
-        for i in range(0, len(missing), _CHUNK):
-            part = missing[i : i + _CHUNK]
-            rows = self.conn.execute(
-                sa.select(m.hosts.c.tenant_id, m.hosts.c.key, m.hosts.c.id).where(
-                    sa.tuple_(m.hosts.c.tenant_id, m.hosts.c.key).in_(part)
-                )
-            )
-            self.host_ids.update({(t, k): i for t, k, i in rows})
+        h = m.hosts
+        rows = _by_leading_key(self.conn, [h.c.tenant_id, h.c.key, h.c.id], h.c.tenant_id,
+                               h.c.key, ((k, t) for t, k in missing))
+        self.host_ids.update({(t, k): i for t, k, i in rows})
 
     def _dictionary(self, tenant_id: int, namespace: str) -> dict[str, int]:
         key = (tenant_id, namespace)
@@ -245,15 +241,13 @@ class _Writer:
         if not acc:
             return
         t = m.host_hours
-        keys = list(acc)
-        existing: dict[tuple[int, datetime], tuple[str, bytes]] = {}
-        for i in range(0, len(keys), _CHUNK):
-            rows = self.conn.execute(
-                sa.select(t.c.host_id, t.c.hour, t.c.kind, t.c.metric_bits).where(
-                    sa.tuple_(t.c.host_id, t.c.hour).in_(keys[i : i + _CHUNK])
-                )
+        existing: dict[tuple[int, datetime], tuple[str, bytes]] = {
+            (h, hr): (k, b)
+            for h, hr, k, b in _by_leading_key(
+                self.conn, [t.c.host_id, t.c.hour, t.c.kind, t.c.metric_bits],
+                t.c.hour, t.c.host_id, acc,
             )
-            existing.update({(h, hr): (k, b) for h, hr, k, b in rows})
+        }
         out = []
         for (host_id, hour), (tenant_id, standard, bits) in acc.items():
             old = existing.get((host_id, hour))
@@ -284,15 +278,13 @@ class _Writer:
         if not acc:
             return
         t = m.service_hours
-        keys = list(acc)
-        existing: dict[tuple[int, datetime], int] = {}
-        for i in range(0, len(keys), _CHUNK):
-            rows = self.conn.execute(
-                sa.select(t.c.tenant_id, t.c.hour, t.c.metric_bits).where(
-                    sa.tuple_(t.c.tenant_id, t.c.hour).in_(keys[i : i + _CHUNK])
-                )
+        existing: dict[tuple[int, datetime], int] = {
+            (tn, hr): _bytes_to_bits(b)
+            for tn, hr, b in _by_leading_key(
+                self.conn, [t.c.tenant_id, t.c.hour, t.c.metric_bits],
+                t.c.tenant_id, t.c.hour, ((hr, tn) for tn, hr in acc),
             )
-            existing.update({(tn, hr): _bytes_to_bits(b) for tn, hr, b in rows})
+        }
         out = []
         for key, bits in acc.items():
             old = existing.get(key)
@@ -306,6 +298,30 @@ class _Writer:
             )
         upsert(self.conn, t, out, key=["tenant_id", "hour"], update=["metric_count", "metric_bits"])
         self.summary.written_rows += len(out)
+
+
+def _by_leading_key(
+    conn: Connection,
+    columns: list[sa.ColumnElement[Any]],
+    group_col: sa.ColumnElement[Any],
+    member_col: sa.ColumnElement[Any],
+    keys: Iterable[tuple[Any, Any]],
+) -> Iterator[Any]:
+    """Rows whose (``member_col``, ``group_col``) is in ``keys``, looked up as
+    ``group_col = ? AND member_col IN (…)`` per group value.
+
+    A row-value ``IN`` over two columns makes SQLite scan the whole table; this shape uses the
+    primary-key index on both backends.
+    """
+    groups: dict[Any, list[Any]] = {}
+    for member, group in keys:
+        groups.setdefault(group, []).append(member)
+    for group, members in groups.items():
+        for i in range(0, len(members), _CHUNK):
+            yield from conn.execute(
+                sa.select(*columns).where(group_col == group,
+                                          member_col.in_(members[i : i + _CHUNK]))
+            )
 
 
 def _lock(conn: Connection) -> None:
