@@ -68,6 +68,9 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection, Engine
 
+from billing.models import billing_runs
+from billing.models import invoices as billing_invoices
+from billing.service import BillingRequest, close_period
 from jobs import snapshot_usage
 from jobs.clikit import EXIT_BAD_INPUT, EXIT_FAILED, State, fail
 from jobs.console import progress
@@ -218,7 +221,9 @@ def planned_counts(tier: BenchTier, hours: int) -> dict[str, int]:
 # --- safety and cleanup ---------------------------------------------------------------------
 
 _TENANT_TABLES = (
-    # children first; every row of these belongs to a tenant (foreign key)
+    # children first; every row of these belongs to a tenant (foreign key). The bench's own
+    # close writes draft invoices only (never final ones, which no one may delete).
+    "invoice_adjustments", "invoice_lines", "invoices",
     "usage_snapshot_roles", "usage_snapshots", "role_member_events", "role_events",
     "monitor_events", "plan_changes", "service_hours", "host_hours", "metric_names",
 )
@@ -247,6 +252,10 @@ def _lock_ingest(conn: Connection) -> None:
 
 def _delete_bench_data(conn: Connection) -> None:
     """Delete every bench row; the caller has checked that all tenants are bench tenants."""
+    kept = conn.execute(sa.select(sa.func.count()).select_from(billing_invoices)
+                        .where(billing_invoices.c.status != "draft")).scalar_one()
+    if kept:  # final and void invoices are never deleted, not even a bench's
+        raise _still_referenced(conn, ["final or void invoices"])
     if conn.dialect.name == "postgresql":
         # TRUNCATE, not DELETE: PostgreSQL checks each deleted tenant against host_hours
         # (no index leads with tenant_id), which would scan millions of dead rows per tenant.
@@ -256,6 +265,8 @@ def _delete_bench_data(conn: Connection) -> None:
             conn.exec_driver_sql(f"DELETE FROM {name}")
     sh = m.snapshot_hours
     conn.execute(sa.delete(sh).where(sh.c.run_id.like(f"{SNAPSHOT_RUN_PREFIX}%")))
+    br = billing_runs
+    conn.execute(sa.delete(br).where(br.c.run_id.like(f"{SNAPSHOT_RUN_PREFIX}%")))
     try:
         conn.execute(sa.delete(m.hosts))
         conn.execute(sa.delete(m.tenants))
@@ -767,6 +778,63 @@ def time_snapshots(
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseTiming:
+    """The month's close (every tenant rated, draft invoices written) beside its floor: one plain
+    aggregate statement over the same month of snapshots."""
+
+    status: str
+    tenants: int
+    invoices_written: int
+    rebuilt_hours: int
+    close_s: float
+    floor_s: float
+    floor_rows: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "tenants": self.tenants,
+            "invoices_written": self.invoices_written,
+            "rebuilt_hours": self.rebuilt_hours,
+            "close_s": round(self.close_s, 3),
+            "floor_s": round(self.floor_s, 3),
+            "ratio": round(self.close_s / self.floor_s, 2) if self.floor_s else None,
+            "floor_rows": self.floor_rows,
+        }
+
+
+def close_floor_statement(start: datetime, end: datetime) -> sa.Select[Any]:
+    """What any close must at least do: read the month's snapshots once, summed per tenant."""
+    us = m.usage_snapshots
+    return (
+        sa.select(us.c.tenant_id, sa.func.count(), sa.func.sum(us.c.standard_hosts),
+                  sa.func.sum(us.c.micro_hosts), sa.func.sum(us.c.standard_overage),
+                  sa.func.sum(us.c.micro_overage), sa.func.sum(us.c.service_metrics),
+                  sa.func.sum(us.c.monitors))
+        .where(us.c.hour >= start, us.c.hour < end)
+        .group_by(us.c.tenant_id)
+    )
+
+
+def time_close(engine: Engine, settings: Settings, period: str) -> CloseTiming:
+    start, end = month_bounds(period, settings.zone)
+    req = BillingRequest(period=period, zone=settings.zone, logical_time=end, actor="bench",
+                         run_id=f"{SNAPSHOT_RUN_PREFIX}{new_run_id()}", now=end)
+    started = time.perf_counter()
+    outcome = close_period(engine, req)
+    close_s = time.perf_counter() - started
+    with engine.connect() as conn:
+        started = time.perf_counter()
+        rows = conn.execute(close_floor_statement(start, end)).all()
+        floor_s = time.perf_counter() - started
+        conn.rollback()
+    return CloseTiming(status=outcome.status, tenants=len(outcome.tenants),
+                       invoices_written=outcome.counts()["invoices_written"],
+                       rebuilt_hours=outcome.rebuilt_hours, close_s=close_s, floor_s=floor_s,
+                       floor_rows=len(rows))
+
+
 # --- checks ---------------------------------------------------------------------------------
 
 
@@ -812,6 +880,25 @@ def run_checks(
     ]
 
 
+def _invoices_check(engine: Engine, period: str, start: datetime, end: datetime,
+                    close: CloseTiming) -> Check:
+    """Every tenant with a paid hour in the month got exactly one invoice, and nobody else."""
+    us, inv = m.usage_snapshots, billing_invoices
+    with engine.connect() as conn:
+        paying = conn.execute(
+            sa.select(sa.func.count(sa.distinct(us.c.tenant_id)))
+            .where(us.c.hour >= start, us.c.hour < end, us.c.plan == "standard")
+        ).scalar_one()
+        invoiced = conn.execute(
+            sa.select(sa.func.count()).select_from(inv).where(inv.c.period == period)
+        ).scalar_one()
+        conn.rollback()
+    return Check(name="every_paying_tenant_invoiced",
+                 ok=int(paying) == int(invoiced) == close.invoices_written,
+                 details={"paying_tenants": int(paying), "invoices": int(invoiced),
+                          "written_by_close": close.invoices_written})
+
+
 # --- the whole bench ------------------------------------------------------------------------
 
 
@@ -831,12 +918,14 @@ class BenchReport:
     ingest: IngestTiming
     ingest_single: IngestTiming
     snapshot: SnapshotTiming
+    close: CloseTiming | None
     checks: list[Check]
     database_counts: dict[str, int]
 
     @property
     def ok(self) -> bool:
-        return self.snapshot.status == "succeeded" and all(c.ok for c in self.checks)
+        closed = self.close is None or self.close.status == "succeeded"
+        return self.snapshot.status == "succeeded" and closed and all(c.ok for c in self.checks)
 
     def as_dict(self) -> dict[str, Any]:
         t = self.tier
@@ -861,6 +950,7 @@ class BenchReport:
             },
             "ingest": {**self.ingest.as_dict(), "single_post_calls": self.ingest_single.as_dict()},
             "snapshot": self.snapshot.as_dict(),
+            "close": self.close.as_dict() if self.close else None,
             "counts": self.database_counts,
             "checks": {c.name: {"ok": c.ok, **c.details} for c in self.checks},
         }
@@ -898,6 +988,10 @@ def run_bench(
                                  progress_factory=progress_factory)
     snapshot = time_snapshots(engine, settings, hour_list, progress_factory=progress_factory)
     checks = run_checks(engine, start, end, len(hour_list), snapshot.run_id, generated)
+    close = None
+    if end == month_end:  # a whole month was snapshotted: close it (a partial tier cannot)
+        close = time_close(engine, settings, period)
+        checks.append(_invoices_check(engine, period, start, end, close))
     with engine.connect() as conn:
         counts = _table_counts(conn)
         us, hh = m.usage_snapshots, m.host_hours
@@ -912,7 +1006,7 @@ def run_bench(
         tier=tier, period=period, billing_tz=settings.billing_tz,
         database=db.redact_url(str(engine.url)), backend=engine.dialect.name,
         server_version=_server_version(engine), start=start, end=end, generated=generated,
-        ingest=ingest, ingest_single=single, snapshot=snapshot, checks=checks,
+        ingest=ingest, ingest_single=single, snapshot=snapshot, close=close, checks=checks,
         database_counts=counts,
     )
     structlog.get_logger("hostmeter.bench").info(
@@ -920,6 +1014,7 @@ def run_bench(
         generate_s=generated.generate_s, observations_per_s=report.ingest.as_dict()
         ["observations_per_s"], snapshot_s=report.snapshot.as_dict()["snapshot_s"],
         floor_s=report.snapshot.as_dict()["floor_s"],
+        close_s=report.close.as_dict()["close_s"] if report.close else None,
     )
     return report
 

@@ -172,11 +172,11 @@ def test_bench_refuses_to_orphan_other_data_of_bench_tenants(bench_engine: sa.En
         tenant = conn.execute(
             sa.select(m.tenants.c.id).where(m.tenants.c.key == "bench-t-1")).scalar_one()
         conn.execute(sa.insert(invoices).values(
-            tenant_id=tenant, period="2026-10", revision=1, status="draft", currency="JPY",
+            tenant_id=tenant, period="2026-10", revision=9, status="final", currency="JPY",
             catalog_version="x", standard_units=1, micro_units=0, subtotal=1, tax=0, total=1,
             minor_units=0, content_hash="x", created_at=datetime(2026, 11, 1, tzinfo=UTC),
             created_by="test", run_id="x"))
-    with pytest.raises(BenchRefused, match="invoices still refer to bench tenants"):
+    with pytest.raises(BenchRefused, match="final or void invoices still refer to bench tenants"):
         run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
     with bench_engine.connect() as conn:  # nothing was deleted
         assert conn.execute(sa.select(sa.func.count()).select_from(m.hosts)).scalar() == 126
