@@ -41,6 +41,7 @@ from jobs.runner import (
     RunRequest,
     Shard,
     execute,
+    last_success,
     list_runs,
     parse_shard,
 )
@@ -302,6 +303,34 @@ def _print_outcome(outcome: RunOutcome, fmt: str) -> None:
                    + (f": {counts}" if counts else ""))
     if outcome.exit_code:
         fail(f"{outcome.job} {outcome.status}: {outcome.error or 'see logs'}", EXIT_FAILED)
+
+
+@cli.command("scheduler")
+@click.option("--misfire-grace", type=click.IntRange(1), default=300, show_default=True,
+              help="Seconds a fire may run late before it is skipped (and caught up later).")
+def scheduler_cmd(misfire_grace: int) -> None:
+    """Run every registered job on its schedule, locally, until SIGTERM or Ctrl-C.
+
+    The same registry as EventBridge Scheduler (cron expressions and time zones);
+    coalesced, one instance per job at a time. On start, fire times missed since
+    each job's last success are caught up (bounded: the last 48 hourly runs, 3
+    monthly ones). Every fire goes through the run ledger like `hostmeter run`.
+    """
+    from jobs.scheduler import LocalScheduler
+
+    engine = current_state().engine()
+    settings = current_state().settings
+
+    def fire(job: str, scheduled_time: datetime, trigger: str) -> RunOutcome:
+        return execute(engine, settings, RunRequest(job=job, scheduled_time=scheduled_time,
+                                                    trigger=trigger))
+
+    scheduler = LocalScheduler(
+        registry.JOBS, fire=fire, last_success=lambda job: last_success(engine, job),
+        misfire_grace_time=misfire_grace)
+    jobs = ", ".join(f"{j.name} {j.schedule} {j.timezone}" for j in registry.JOBS.values())
+    click.echo(f"hostmeter scheduler: {jobs}; Ctrl-C or SIGTERM to stop", err=True)
+    sys.exit(scheduler.run_forever())
 
 
 @cli.command("runs")

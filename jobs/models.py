@@ -23,6 +23,7 @@ job_runs = sa.Table(
     sa.Column("run_id", sa.String(64), primary_key=True),
     sa.Column("job", sa.String(64), nullable=False),
     sa.Column("logical_time", UTCDateTime, nullable=False),
+    sa.Column("scheduled_time", UTCDateTime, nullable=False),
     sa.Column("shard", sa.String(16), nullable=False),
     sa.Column("trigger", sa.String(16), nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),

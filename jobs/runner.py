@@ -96,6 +96,7 @@ class RunOutcome:
     run_id: str
     job: str
     logical_time: datetime
+    scheduled_time: datetime
     shard: str
     trigger: str
     attempt: int
@@ -110,7 +111,8 @@ class RunOutcome:
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "job": self.job,
-                "logical_time": self.logical_time.isoformat(), "shard": self.shard,
+                "logical_time": self.logical_time.isoformat(),
+                "scheduled_time": self.scheduled_time.isoformat(), "shard": self.shard,
                 "trigger": self.trigger, "attempt": self.attempt, "status": self.status,
                 "counts": self.counts, "error": self.error}
 
@@ -142,8 +144,9 @@ def execute(
     key = f"{spec.name}|{key_time.isoformat()}|{shard}"
     run_id = new_run_id()
     host, pid = _identity()
-    base = dict(run_id=run_id, job=spec.name, logical_time=key_time, shard=shard,
-                trigger=req.trigger, host=host, pid=pid)
+    base = dict(run_id=run_id, job=spec.name, logical_time=key_time,
+                scheduled_time=req.scheduled_time, shard=shard, trigger=req.trigger, host=host,
+                pid=pid)
 
     with key_lock(engine, key, wait_s=wait_s) as got:
         if not got:
@@ -193,7 +196,8 @@ def execute(
 
 
 def _outcome(base: dict[str, Any]) -> dict[str, Any]:
-    return {k: base[k] for k in ("run_id", "job", "logical_time", "shard", "trigger")}
+    return {k: base[k] for k in ("run_id", "job", "logical_time", "scheduled_time", "shard",
+                                 "trigger")}
 
 
 def _record_skip(engine: Engine, base: dict[str, Any], clock: Callable[[], datetime], *,
@@ -221,11 +225,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def last_success(engine: Engine, job: str) -> datetime | None:
-    """The key time of the job's latest successful run (all shards), or None."""
+    """The scheduled time of the job's latest successful run (any shard, not a backfill), or
+    None: where the local scheduler's catch-up starts from."""
     with reading(engine) as conn:
         return conn.execute(
-            sa.select(sa.func.max(job_runs.c.logical_time)).where(
-                job_runs.c.job == job, job_runs.c.status == "succeeded")
+            sa.select(sa.func.max(job_runs.c.scheduled_time)).where(
+                job_runs.c.job == job, job_runs.c.status == "succeeded",
+                job_runs.c.trigger != "backfill")
         ).scalar_one_or_none()
 
 
@@ -241,6 +247,7 @@ def list_runs(engine: Engine, *, job: str | None = None, status: str | None = No
         rows = conn.execute(q.limit(limit)).mappings().all()
     return [
         {**dict(r), "logical_time": r["logical_time"].isoformat(),
+         "scheduled_time": r["scheduled_time"].isoformat(),
          "started_at": r["started_at"].isoformat(),
          "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None}
         for r in rows

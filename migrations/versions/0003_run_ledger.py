@@ -21,6 +21,7 @@ def upgrade() -> None:
     sa.Column('run_id', sa.String(length=64), nullable=False),
     sa.Column('job', sa.String(length=64), nullable=False),
     sa.Column('logical_time', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('scheduled_time', sa.DateTime(timezone=True), nullable=False),
     sa.Column('shard', sa.String(length=16), nullable=False),
     sa.Column('trigger', sa.String(length=16), nullable=False),
     sa.Column('attempt', sa.Integer(), nullable=False),

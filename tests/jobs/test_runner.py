@@ -23,7 +23,7 @@ from billing.rules import MonthSums, Rating, rate
 from jobs import billing_jobs
 from jobs.errors import BadTrigger
 from jobs.models import job_runs
-from jobs.runner import RunRequest, Shard, execute, list_runs, parse_shard
+from jobs.runner import RunRequest, Shard, execute, last_success, list_runs, parse_shard
 from metering import models as m
 from metering.db import reading
 from metering.ingest import UsageRecorder
@@ -149,8 +149,11 @@ def test_a_key_that_succeeded_is_skipped_unless_forced(engine: Engine, db_url: s
     assert [r["status"] for r in ledger(engine)] == ["succeeded", "skipped", "succeeded"]
     assert {r["logical_time"] for r in ledger(engine)} == {"2026-02-10T10:00:00+00:00"}
     row = ledger(engine)[0]
-    assert set(row) == {"run_id", "job", "logical_time", "shard", "trigger", "attempt", "status",
-                        "counts", "error", "host", "pid", "started_at", "finished_at"}
+    assert set(row) == {"run_id", "job", "logical_time", "scheduled_time", "shard", "trigger",
+                        "attempt", "status", "counts", "error", "host", "pid", "started_at",
+                        "finished_at"}
+    assert row["scheduled_time"] == "2026-02-10T10:05:00+00:00"
+    assert last_success(engine, "snapshot-usage") == at  # the forced run's scheduled time
     assert row["counts"]["hours"] == 4 and row["pid"] == os.getpid()
 
 
@@ -197,7 +200,8 @@ def test_a_stale_running_row_is_abandoned_and_retried(engine: Engine, db_url: st
         conn.execute(sa.insert(job_runs).values(
             run_id="dead", job="snapshot-usage", logical_time=datetime(2026, 2, 10, 10,
                                                                       tzinfo=UTC),
-            shard="0/1", trigger="schedule", attempt=1, status="running", counts={},
+            scheduled_time=at, shard="0/1", trigger="schedule", attempt=1, status="running",
+            counts={},
             host="worker-7", pid=4242, started_at=at))
     out = execute(engine, settings, RunRequest(job="snapshot-usage", scheduled_time=at))
     assert (out.status, out.attempt) == ("succeeded", 2)
