@@ -12,7 +12,7 @@ The tree::
 
 from __future__ import annotations
 
-from typing import Any
+from metering.errors import ContextError
 
 __all__ = [
     "BillingError",
@@ -24,16 +24,8 @@ __all__ = [
 ]
 
 
-class BillingError(Exception):
+class BillingError(ContextError):
     """Root of every error the billing package raises on purpose."""
-
-    def __init__(self, message: str, **context: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.context = context
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class CatalogError(BillingError):

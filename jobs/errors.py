@@ -10,21 +10,13 @@ The tree::
 
 from __future__ import annotations
 
-from typing import Any
+from metering.errors import ContextError
 
 __all__ = ["BadTrigger", "JobError", "JobFailed", "UnknownJob"]
 
 
-class JobError(Exception):
+class JobError(ContextError):
     """Root of every error the jobs package raises on purpose."""
-
-    def __init__(self, message: str, **context: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.context = context
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class UnknownJob(JobError):

@@ -1,5 +1,7 @@
 """Errors raised by the metering package.
 
+Every package's root error derives from :class:`ContextError`, which carries keyword context.
+
 The tree::
 
     MeteringError
@@ -20,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError",
+    "ContextError",
     "DatabaseError",
     "InvalidBatch",
     "InvalidRecord",
@@ -29,8 +32,8 @@ __all__ = [
 ]
 
 
-class MeteringError(Exception):
-    """Root of every error the metering package raises on purpose."""
+class ContextError(Exception):
+    """A one-line message plus its context as keyword arguments (``tenant=``, ``line=``)."""
 
     def __init__(self, message: str, **context: Any) -> None:
         super().__init__(message)
@@ -39,6 +42,10 @@ class MeteringError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class MeteringError(ContextError):
+    """Root of every error the metering package raises on purpose."""
 
 
 class ConfigError(MeteringError):
