@@ -74,20 +74,50 @@ def ledger(engine: Engine) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_three_simultaneous_triggers_do_the_work_once(db_url: str, engine: Engine,
-                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("job", "at", "hours"),
+    [("snapshot-usage", "2026-02-10T10:05:00Z", 4),
+     ("close-billing-period", CLOSE_AT, 672)],
+)
+def test_three_simultaneous_triggers_do_the_work_once(
+    db_url: str, engine: Engine, tmp_path: Path, job: str, at: str, hours: int
+) -> None:
     UsageRecorder(engine).record(fleet(3))
-    procs = [hostmeter(db_url, tmp_path, "run", "close-billing-period", "--at", CLOSE_AT,
-                       "--trigger", "schedule", "--format", "json") for _ in range(3)]
+    procs = [hostmeter(db_url, tmp_path, "run", job, "--at", at, "--trigger", "schedule",
+                       "--format", "json") for _ in range(3)]
     outs = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0]
     assert sorted(o["status"] for o in outs) == ["skipped", "skipped", "succeeded"]
     runs = ledger(engine)
     assert sorted(r["status"] for r in runs) == ["skipped", "skipped", "succeeded"]
-    assert {r["logical_time"] for r in runs} == {START.isoformat()}
+    assert len({r["logical_time"] for r in runs}) == 1
     data = content(engine)
-    assert len(data["invoices"]) == 3 and all(i[1] == 1 for i in data["invoices"])
-    assert data["covered"] == 672
+    assert data["covered"] == hours
+    if job == "close-billing-period":
+        assert len(data["invoices"]) == 3 and all(i[1] == 1 for i in data["invoices"])
+
+    # Identical data: forcing the same trigger again reproduces exactly what the winner wrote.
+    winner = next(o for o in outs if o["status"] == "succeeded")
+    forced = hostmeter(db_url, tmp_path, "run", job, "--at", at, "--force")
+    assert forced.wait(timeout=300) == 0
+    assert content(engine) == data
+    assert winner["attempt"] == 1
+
+
+def test_key_times_across_month_ends_and_the_tokyo_boundary() -> None:
+    from jobs.registry import JOBS
+
+    close, snap = JOBS["close-billing-period"], JOBS["snapshot-usage"]
+    # Nov 1 03:00 in Tokyo is Oct 31 18:00 UTC: it closes October (Tokyo), keyed Oct 1 00:00 JST.
+    nov1 = datetime(2026, 10, 31, 18, 0, tzinfo=UTC)
+    assert close.key_time(nov1, ZONE, {}) == datetime(2026, 9, 30, 15, 0, tzinfo=UTC)
+    # One minute before midnight UTC on Oct 31 is already November in Tokyo: closes October.
+    assert close.key_time(datetime(2026, 10, 31, 23, 59, tzinfo=UTC), ZONE, {}) == (
+        datetime(2026, 9, 30, 15, 0, tzinfo=UTC))
+    assert close.key_time(nov1, ZONE, {"period": "2028-02"}) == datetime(
+        2028, 1, 31, 15, 0, tzinfo=UTC)
+    assert snap.key_time(datetime(2026, 10, 31, 23, 59, 59, tzinfo=UTC), ZONE, {}) == (
+        datetime(2026, 10, 31, 23, 0, tzinfo=UTC))
 
 
 @pytest.mark.slow
