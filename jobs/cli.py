@@ -41,6 +41,7 @@ from jobs.runner import (
     RunRequest,
     Shard,
     execute,
+    failed_keys,
     last_success,
     list_runs,
     parse_shard,
@@ -234,6 +235,9 @@ def _finish(result: JobResult, fmt: str = "table") -> None:
 @click.option("--shard", metavar="I/N", help="Work on shard I of N (0-based) of the tenants.")
 @click.option("--dry-run", is_flag=True, help="Monthly jobs: compute and show, write nothing.")
 @click.option("--force", is_flag=True, help="Run even if this key already succeeded.")
+@click.option("--retry-failed", is_flag=True,
+              help="Instead of --at: run again every key of JOB whose last attempt failed or "
+              "ended partial.")
 @click.option("--trigger", type=click.Choice(["manual", "schedule", "retry"]), default="manual",
               show_default=True, help="Recorded in the ledger (EventBridge passes schedule).")
 @click.option("--lookback", type=click.IntRange(0, 48), default=snapshot_usage.DEFAULT_LOOKBACK,
@@ -242,8 +246,8 @@ def _finish(result: JobResult, fmt: str = "table") -> None:
               show_default=True, help="Seconds to wait for a run of the same key to finish.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ...],
-            shard: str | None, dry_run: bool, force: bool, trigger: str, lookback: int,
-            wait_s: float, fmt: str) -> None:
+            shard: str | None, dry_run: bool, force: bool, retry_failed: bool, trigger: str,
+            lookback: int, wait_s: float, fmt: str) -> None:
     """Run JOB once for the logical time --at (what EventBridge Scheduler runs).
 
     \b
@@ -258,6 +262,12 @@ def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ..
     retried by the next trigger. --dry-run and --tenant runs are not recorded.
     """
     spec = registry.get(job)
+    if retry_failed:
+        if at or period or tenants or shard or dry_run or force:
+            fail("--retry-failed takes no --at, --period, --tenant, --shard, --dry-run or "
+                 "--force: it retries what the ledger says failed", EXIT_BAD_INPUT)
+        _retry_failed(spec.name, wait_s, fmt)
+        return
     logical = parse_at(at)
     given = {"period": period, "tenants": tenants, "dry_run": dry_run, "shard": shard}
     unused = [f"--{k.replace('_', '-').rstrip('s')}" for k, v in given.items()
@@ -290,6 +300,25 @@ def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ..
                                                     MeteringError | BillingError):
         raise translate(outcome.exception)
     _print_outcome(outcome, fmt)
+
+
+def _retry_failed(job: str, wait_s: float, fmt: str) -> None:
+    engine = current_state().engine()
+    settings = current_state().settings
+    requests = failed_keys(engine, job, settings.zone)
+    if not requests:
+        click.echo(f"{job}: nothing to retry" if fmt == "table" else "[]")
+        return
+    outcomes = [execute(engine, settings, r, wait_s=wait_s) for r in requests]
+    if fmt == "json":
+        click.echo(json.dumps([o.as_dict() for o in outcomes], default=str))
+    else:
+        for o in outcomes:
+            click.echo(f"{o.job} {o.status} [{o.shard}] {o.logical_time.isoformat()} "
+                       f"attempt {o.attempt}" + (f": {o.error}" if o.error else ""))
+    bad = [o for o in outcomes if o.exit_code]
+    if bad:
+        fail(f"{len(bad)} of {len(outcomes)} retried key(s) still {bad[0].status}", EXIT_FAILED)
 
 
 def _print_outcome(outcome: RunOutcome, fmt: str) -> None:

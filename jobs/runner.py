@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 import structlog
@@ -37,12 +38,14 @@ from jobs.models import job_runs
 from jobs.runtime import JobContext, new_run_id, run_job
 from metering.db import reading
 from metering.settings import Settings
+from metering.timeutil import period_of
 
 __all__ = [
     "RunOutcome",
     "RunRequest",
     "Shard",
     "execute",
+    "failed_keys",
     "last_success",
     "list_runs",
     "parse_shard",
@@ -136,6 +139,10 @@ def execute(
 ) -> RunOutcome:
     """Run ``req`` at most once per key, recording every attempt in the ledger."""
     spec = registry.get(req.job)
+    partial_work = sorted(k for k in ("dry_run", "tenants") if req.options.get(k))
+    if partial_work:
+        raise BadTrigger(f"{', '.join(partial_work)} runs are operator checks, not the run of a "
+                         "key: run them without the ledger", job=spec.name)
     if req.shard.count > 1 and not spec.shardable:
         raise BadTrigger(f"job {spec.name} works on all tenants at once and cannot be sharded",
                          job=spec.name)
@@ -222,6 +229,36 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
+
+
+def failed_keys(engine: Engine, job: str, zone: ZoneInfo) -> list[RunRequest]:
+    """A retry request for every key of ``job`` whose latest attempt failed or ended partial
+    (and that never succeeded): what ``hostmeter run JOB --retry-failed`` runs."""
+    spec = registry.get(job)
+    with reading(engine) as conn:
+        rows = conn.execute(
+            sa.select(job_runs.c.logical_time, job_runs.c.shard, job_runs.c.status,
+                      job_runs.c.scheduled_time, job_runs.c.trigger)
+            .where(job_runs.c.job == spec.name, job_runs.c.status != "skipped")
+            .order_by(job_runs.c.started_at, job_runs.c.run_id)
+        ).all()
+    latest: dict[tuple[datetime, str], Any] = {}
+    succeeded: set[tuple[datetime, str]] = set()
+    for r in rows:
+        if r.trigger == "backfill":
+            continue
+        latest[(r.logical_time, r.shard)] = r
+        if r.status == "succeeded":
+            succeeded.add((r.logical_time, r.shard))
+    out = []
+    for key, r in sorted(latest.items()):
+        if r.status in ("failed", "partial") and key not in succeeded:
+            options: dict[str, Any] = {}
+            if "period" in spec.options:
+                options["period"] = period_of(r.logical_time, zone)
+            out.append(RunRequest(job=spec.name, scheduled_time=r.scheduled_time,
+                                  trigger="retry", shard=parse_shard(r.shard), options=options))
+    return out
 
 
 def last_success(engine: Engine, job: str) -> datetime | None:

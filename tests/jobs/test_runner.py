@@ -23,7 +23,15 @@ from billing.rules import MonthSums, Rating, rate
 from jobs import billing_jobs
 from jobs.errors import BadTrigger
 from jobs.models import job_runs
-from jobs.runner import RunRequest, Shard, execute, last_success, list_runs, parse_shard
+from jobs.runner import (
+    RunRequest,
+    Shard,
+    execute,
+    failed_keys,
+    last_success,
+    list_runs,
+    parse_shard,
+)
 from metering import models as m
 from metering.db import reading
 from metering.ingest import UsageRecorder
@@ -217,9 +225,12 @@ def test_a_partial_run_is_retried_by_the_next_trigger(engine: Engine, db_url: st
     monkeypatch.setitem(registry.JOBS, "close-billing-period",
                         registry.JobSpec(**{**{f: getattr(spec, f) for f in spec.__slots__},
                                             "run": real_close}))
-    second = execute(engine, settings, RunRequest(job="close-billing-period", scheduled_time=at,
-                                                  trigger="retry"))
+    [retry] = failed_keys(engine, "close-billing-period", ZONE)  # what --retry-failed runs
+    assert (retry.trigger, retry.scheduled_time, dict(retry.options)) == (
+        "retry", at, {"period": PERIOD})
+    second = execute(engine, settings, retry)
     assert (second.status, second.attempt) == ("succeeded", 2)
+    assert failed_keys(engine, "close-billing-period", ZONE) == []
     assert (second.counts["invoices_written"], second.counts["unchanged"]) == (1, 2)
 
 
@@ -261,3 +272,24 @@ def test_bad_shards(text: str) -> None:
     with pytest.raises(BadTrigger):
         parse_shard(text)
     assert parse_shard("3/4") == Shard(3, 4)
+
+
+def test_operator_checks_never_become_the_run_of_a_key(engine: Engine, db_url: str) -> None:
+    settings = Settings(database_url=db_url)
+    at = datetime.fromisoformat(CLOSE_AT)
+    for options in ({"dry_run": True}, {"tenants": ("t000",)}):
+        with pytest.raises(BadTrigger, match="operator checks"):
+            execute(engine, settings, RunRequest(job="close-billing-period", scheduled_time=at,
+                                                 options=options))
+    assert ledger(engine) == []
+
+
+@pytest.mark.slow
+def test_cli_retry_failed_with_nothing_failed(db_url: str, tmp_path: Path) -> None:
+    proc = hostmeter(db_url, tmp_path, "run", "close-billing-period", "--retry-failed")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip() == "close-billing-period: nothing to retry"
+    bad = hostmeter(db_url, tmp_path, "run", "close-billing-period", "--retry-failed", "--force")
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and "hostmeter: error: --retry-failed takes no" in err
