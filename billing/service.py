@@ -4,7 +4,8 @@
   hours from recorded usage, failing with the list of hours it cannot rebuild), reads the month's
   snapshots with two set-based statements, rates every tenant with a paid hour and writes revision
   1 as a draft for each tenant that has no invoice yet. Closing twice writes nothing.
-- :func:`rerun_period` re-snapshots the whole month from recorded usage, recomputes and, per
+- :func:`rerun_period` re-snapshots the whole month from recorded usage (except hours whose raw
+  usage ``prune-usage`` has deleted: their snapshots are final), recomputes and, per
   tenant: unchanged → nothing; changed draft → revision n+1 (draft) and n becomes void; changed
   final → the final stays untouched, a new draft revision carries an adjustment (the signed
   difference against the final). Adjusting a final needs a reason.
@@ -35,6 +36,7 @@ from billing.catalog import Catalog, catalog_for
 from billing.errors import CoverageError, ReasonRequired
 from billing.rules import MonthSums, Rating, rate
 from metering import models as m
+from metering.retention import frozen_hours
 from metering.snapshot import MetricLimits, missing_hours, snapshot_hours
 from metering.timeutil import HOUR, hours_between, month_bounds
 
@@ -182,6 +184,8 @@ def _rebuild(
     """Snapshot the month's missing hours (or all of them); refuse hours not over yet."""
     start, end = month_bounds(req.period, req.zone)
     todo = list(hours_between(start, end)) if everything else missing_hours(conn, start, end)
+    frozen = frozen_hours(conn, todo)  # raw usage pruned: the snapshot is all there is
+    todo = [h for h in todo if h not in frozen]
     not_over = [h for h in todo if h + HOUR > req.logical_time]
     if not_over:
         raise CoverageError(

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from jobs import billing_jobs, snapshot_usage
+from jobs import billing_jobs, prune_usage, snapshot_usage
 from jobs.errors import UnknownJob
 from metering.timeutil import floor_hour, month_bounds, previous_period
 
@@ -47,6 +47,11 @@ def _month_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> date
     return month_bounds(period, zone)[0]
 
 
+def _day_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> datetime:
+    """Daily jobs: the UTC day the trigger belongs to."""
+    return floor_hour(at).replace(hour=0)
+
+
 JOBS: dict[str, JobSpec] = {
     spec.name: spec
     for spec in (
@@ -77,6 +82,14 @@ JOBS: dict[str, JobSpec] = {
             run=billing_jobs.finalize,
             key_time=_month_key,
             options=frozenset({"period", "tenants", "dry_run"}),
+        ),
+        JobSpec(
+            name="prune-usage",
+            schedule="cron(30 4 * * ? *)",
+            timezone="UTC",
+            description="delete recorded usage past retention (snapshotted whole months only)",
+            run=prune_usage.run,
+            key_time=_day_key,
         ),
     )
 }

@@ -17,6 +17,7 @@ import structlog
 from billing.catalog import catalog_for
 from billing.service import limits_for
 from jobs.runtime import JobContext
+from metering.retention import frozen_hours
 from metering.snapshot import MetricLimits, snapshot_hours
 from metering.timeutil import HOUR, floor_hour, hours_between, period_of
 
@@ -71,10 +72,14 @@ def run(
             chunks[-1].append(hour)
         else:
             chunks.append([hour])
+    pruned = 0
     for chunk in chunks:
         with ctx.engine.begin() as conn:
+            frozen = frozen_hours(conn, chunk)  # raw usage pruned: keep the snapshot
+            pruned += len(frozen)
+            todo_now = [h for h in chunk if h not in frozen]
             results = snapshot_hours(
-                conn, chunk, limits=limits or _limits(chunk[0], zone), run_id=ctx.run_id,
+                conn, todo_now, limits=limits or _limits(chunk[0], zone), run_id=ctx.run_id,
                 snapshotted_at=ctx.clock(),
             )
         for result in results:
@@ -103,4 +108,5 @@ def run(
         "host_hours": hosts,
         "host_metrics": metrics,
         "role_rows": roles,
+        "kept_pruned_hours": pruned,
     }

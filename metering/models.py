@@ -42,6 +42,7 @@ __all__ = [
     "service_hours",
     "snapshot_hours",
     "tenants",
+    "usage_retention",
     "usage_snapshot_roles",
     "usage_snapshots",
 ]
@@ -163,6 +164,16 @@ usage_snapshot_roles = sa.Table(
     sa.Column("hosts", sa.Integer, nullable=False),
     sa.Index("ix_usage_snapshot_roles_hour", "hour"),
 )
+
+usage_retention = sa.Table(
+    "usage_retention",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("pruned_before", UTCDateTime, nullable=False),
+    sa.Column("pruned_at", UTCDateTime, nullable=False),
+)
+"""The watermark of ``prune-usage`` (one row, ``name='raw_usage'``): recorded hours before
+``pruned_before`` may be gone, so their snapshots are final and are never recomputed."""
 
 snapshot_hours = sa.Table(
     "snapshot_hours",

@@ -5,6 +5,7 @@
 | HOSTMETER_DATABASE_URL   | ``sqlite:///hostmeter.db`` | where usage, snapshots and invoices live |
 | HOSTMETER_BILLING_TZ     | ``Asia/Tokyo``           | the zone whose calendar months are billed |
 | HOSTMETER_LOG_DIR        | ``logs``                 | JSON log files (also written to stderr)  |
+| HOSTMETER_RETENTION_DAYS | ``400``                  | raw usage kept before ``prune-usage``    |
 """
 
 from __future__ import annotations
@@ -21,6 +22,22 @@ __all__ = ["DEFAULT_DATABASE_URL", "Settings"]
 DEFAULT_DATABASE_URL = "sqlite:///hostmeter.db"
 
 
+def _retention(value: str | None) -> int:
+    if not value:
+        return 400
+    try:
+        days = int(value)
+    except ValueError:
+        days = 0
+    if days < 31:
+        raise ConfigError(
+            f"HOSTMETER_RETENTION_DAYS={value!r} must be a whole number of days >= 31 "
+            "(raw usage of a month must outlive its billing)",
+            setting="HOSTMETER_RETENTION_DAYS",
+        )
+    return days
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Process-wide settings."""
@@ -28,6 +45,7 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     billing_tz: str = "Asia/Tokyo"
     log_dir: str = "logs"
+    retention_days: int = 400
 
     @property
     def zone(self) -> ZoneInfo:
@@ -40,6 +58,7 @@ class Settings:
             database_url=env.get("HOSTMETER_DATABASE_URL") or DEFAULT_DATABASE_URL,
             billing_tz=env.get("HOSTMETER_BILLING_TZ") or "Asia/Tokyo",
             log_dir=env.get("HOSTMETER_LOG_DIR") or "logs",
+            retention_days=_retention(env.get("HOSTMETER_RETENTION_DAYS")),
         )
         try:
             ZoneInfo(settings.billing_tz)

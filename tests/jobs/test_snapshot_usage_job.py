@@ -182,6 +182,7 @@ EXPECTED_COUNTS = {
     "host_hours": 2 + 1 + 2 + 2,
     "host_metrics": 3 + 2 + (2 + 210) + 3,
     "role_rows": 4,
+    "kept_pruned_hours": 0,
 }
 
 
