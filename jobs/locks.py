@@ -7,6 +7,13 @@
 
 Because a lock never outlives its holder, a ``running`` ledger row whose key can be locked
 belongs to a dead process: the next trigger marks it abandoned and retries.
+
+Known limit (PostgreSQL): the lock lives as long as its connection. If that connection is cut
+while the job still runs (a proxy's idle timeout, a server restart), the lock is gone and a
+second trigger could start the same key. TCP keepalives (set in ``metering.db``) keep an idle
+lock connection from being dropped by middleboxes; a connection pooler in transaction mode
+(PgBouncer) cannot carry session locks at all, so connect hostmeter to PostgreSQL directly or
+through session pooling.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.engine import Engine
 
 __all__ = ["key_lock"]
@@ -54,7 +62,13 @@ def _pg_lock(engine: Engine, key: str, wait_s: float) -> Iterator[bool]:
             yield bool(got)
         finally:
             if got:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:a, :b)"), {"a": a, "b": b})
+                try:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:a, :b)"),
+                                 {"a": a, "b": b})
+                except sa.exc.DBAPIError:
+                    # The session is gone, and the server dropped its locks with it.
+                    structlog.get_logger("hostmeter.locks").warning(
+                        "lock_connection_lost", key=key)
     finally:
         conn.close()
 

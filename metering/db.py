@@ -129,7 +129,11 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    kwargs.setdefault("connect_args", {"connect_timeout": 10})
+    # TCP keepalives: a session that holds a run's advisory lock sits idle for the whole run,
+    # and must not be dropped by a middlebox meanwhile.
+    kwargs.setdefault("connect_args", {"connect_timeout": 10, "keepalives": 1,
+                                       "keepalives_idle": 30, "keepalives_interval": 10,
+                                       "keepalives_count": 5})
     try:
         return sa.create_engine(parsed, **kwargs)
     except ImportError as exc:  # pragma: no cover - depends on the environment
