@@ -130,7 +130,15 @@ class BillingOutcome:
             "rebuilt_hours": self.rebuilt_hours,
             "free_over_limit": len(self.free_over_limit),
             "finalized": self.finalized,
+            # What this run billed (the new revisions it wrote), for the job metrics.
+            "billed_standard_units": sum(new["standard_units"] for new in self._written()),
+            "billed_micro_units": sum(new["micro_units"] for new in self._written()),
+            "billed_amount": sum(new["total"] for new in self._written()),
         }
+
+    def _written(self) -> list[dict[str, Any]]:
+        return [t.new for t in self.tenants
+                if t.action in ("created", "revised", "adjusted") and t.new is not None]
 
 
 def _summary(r: Rating | repo.StoredInvoice) -> dict[str, Any]:

@@ -9,6 +9,7 @@ invoice revision.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +18,7 @@ from billing.repository import StoredInvoice, load_invoices
 from billing.service import BillingOutcome
 from jobs import billing_jobs, snapshot_usage
 from jobs.fleet import FleetTenant, demo_fleet
-from jobs.runtime import JobContext, JobResult, run_job
+from jobs.runtime import JobContext, JobResult, new_run_id, run_job
 from metering.db import reading
 from metering.ingest import IngestSummary, UsageRecorder
 from metering.records import Record
@@ -69,7 +70,8 @@ def run_demo(
         "snapshot-usage", snapshot_usage.run, ctx, start, hours=hours
     )
     outcomes: list[BillingOutcome] = []
-    closed = run_job("close-billing-period", billing_jobs.close, ctx, end, period=period,
+    closed = run_job("close-billing-period", billing_jobs.close,
+                     dataclasses.replace(ctx, run_id=new_run_id()), end, period=period,
                      outcomes=outcomes)
     with reading(ctx.engine) as conn:
         usage = month_usage(conn, start, end)

@@ -171,7 +171,9 @@ def _execute_values(conn: Connection, stmt: Any, rows: Sequence[Mapping[str, Any
     """Run ``stmt`` as multi-row ``VALUES`` statements; returns the rows it really changed."""
     changed = 0
     for i in range(0, len(rows), _ROWS_PER_STATEMENT):
-        result = conn.execute(stmt.values(list(rows[i : i + _ROWS_PER_STATEMENT])))
+        # rowcount of an INSERT is only kept on request (SQLAlchemy's preserve_rowcount)
+        result = conn.execute(stmt.values(list(rows[i : i + _ROWS_PER_STATEMENT]))
+                              .execution_options(preserve_rowcount=True))
         changed += max(result.rowcount, 0)
     return changed
 

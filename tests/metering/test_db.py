@@ -129,3 +129,16 @@ def test_settings_from_environment() -> None:
         "sqlite:///hostmeter.db", "Asia/Tokyo", "logs")
     with pytest.raises(ConfigError, match="HOSTMETER_BILLING_TZ"):
         Settings.from_env({"HOSTMETER_BILLING_TZ": "Mars/Olympus"})
+
+
+def test_insert_ignore_and_upsert_count_the_rows_they_change(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        assert db.insert_ignore(conn, m.tenants, [{"key": "a"}, {"key": "b"}], key=["key"]) == 2
+        assert db.insert_ignore(conn, m.tenants, [{"key": "a"}, {"key": "c"}], key=["key"]) == 1
+        tid = conn.execute(sa.select(m.tenants.c.id).where(m.tenants.c.key == "a")).scalar_one()
+        at = datetime(2026, 10, 1, tzinfo=UTC)
+        rows = [{"tenant_id": tid, "at": at, "plan": "trial"}]
+        kw = {"key": ["tenant_id", "at"], "update": ["plan"], "only_if_changed": True}
+        assert db.upsert(conn, m.plan_changes, rows, **kw) == 1
+        assert db.upsert(conn, m.plan_changes, rows, **kw) == 0
+        assert db.upsert(conn, m.plan_changes, [{**rows[0], "plan": "standard"}], **kw) == 1

@@ -1,0 +1,365 @@
+"""Job logs → job metrics: the ``aggregate-job-logs`` job and the store behind the exporters.
+
+1. **Read incrementally.** Each JSON-lines log file is read from its checkpoint
+   (``log_checkpoints``: device, inode, a hash of the first line, byte offset). A rotated or
+   replaced file (other identity) or a truncated one (shorter than the offset) is read from the
+   start; an unfinished last line is left for the next pass. Lines that are not JSON objects are
+   counted as malformed, never fatal.
+2. **Keep runs.** Every ``job_finished`` event becomes a ``log_runs`` row keyed by its run id,
+   so reading the same line twice (after a rotation, say) adds nothing.
+3. **Bucket with pandas.** ``job_metrics`` is recomputed from ``log_runs`` in 5-minute buckets:
+   runs by job and status, run duration, tenants expected / processed / failed, hosts and
+   metrics counted, hours snapshotted, invoices written, billed units and amount, plus the
+   malformed-line counter.
+
+Checkpoint, runs and metrics of one pass are written in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Connection, Engine
+
+from billing import models as bm
+from jobs.metricdata import DashboardData, JobStatus, MetricPoint, MonthBilling, RunFact
+from jobs.models import job_metrics, log_checkpoints, log_runs
+from metering import models as m
+from metering.db import insert_ignore, reading, upsert
+from metering.timeutil import month_bounds
+
+__all__ = [
+    "BUCKET",
+    "AggregateResult",
+    "aggregate",
+    "dashboard_data",
+    "job_statuses",
+    "log_files",
+    "months",
+    "read_points",
+]
+
+BUCKET = timedelta(minutes=5)
+MALFORMED = "hostmeter.logs.malformed_lines"
+_HEAD_BYTES = 256
+log = structlog.get_logger("hostmeter.metrics")
+
+#: metric name → the ``job_finished`` count it sums (per job and bucket)
+COUNT_METRICS = {
+    "hostmeter.job.tenants_expected": "tenants_expected",
+    "hostmeter.job.tenants_processed": "tenants_processed",
+    "hostmeter.job.tenants_failed": "tenants_failed",
+    "hostmeter.job.hosts_counted": "host_hours",
+    "hostmeter.job.metrics_counted": "host_metrics",
+    "hostmeter.job.hours_snapshotted": "hours",
+    "hostmeter.billing.invoices_written": "invoices_written",
+    "hostmeter.billing.standard_units": "billed_standard_units",
+    "hostmeter.billing.micro_units": "billed_micro_units",
+    "hostmeter.billing.amount": "billed_amount",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregateResult:
+    """What one pass read and stored."""
+
+    files: int
+    lines: int
+    runs: int
+    malformed: int
+    metrics: int
+
+
+def log_files(path: Path) -> list[Path]:
+    """A log file, or every ``*.jsonl*`` file in a directory (rotated ones included)."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and ".jsonl" in p.name)
+    return [path] if path.is_file() else []
+
+
+def _head(path: Path) -> str:
+    """A hash of the file's first line (at most 256 bytes): stable while the file grows."""
+    with path.open("rb") as f:
+        first = f.read(_HEAD_BYTES)
+    cut = first.find(b"\n")
+    return hashlib.sha256(first[: cut + 1] if cut >= 0 else first).hexdigest()
+
+
+def _floor(at: datetime) -> datetime:
+    seconds = int(at.timestamp())
+    return datetime.fromtimestamp(seconds - seconds % int(BUCKET.total_seconds()), UTC)
+
+
+def _instant(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _run_row(event: dict[str, Any]) -> dict[str, Any] | None:
+    finished = _instant(event.get("timestamp"))
+    if not (event.get("event") == "job_finished" and isinstance(event.get("run_id"), str)
+            and isinstance(event.get("job"), str) and finished is not None):
+        return None
+    skip = {"event", "level", "timestamp", "job", "run_id", "logical_time", "status",
+            "duration_s", "error"}
+    return {
+        "run_id": event["run_id"][:64],
+        "job": event["job"][:64],
+        "status": str(event.get("status", "unknown"))[:16],
+        "finished_at": finished,
+        "logical_time": _instant(event.get("logical_time")),
+        "duration_s": float(event.get("duration_s") or 0.0),
+        "counts": {k: v for k, v in event.items() if k not in skip},
+        "error": event.get("error"),
+    }
+
+
+def _read_new_lines(conn: Connection, path: Path, now: datetime) -> tuple[list[dict[str, Any]],
+                                                                          int, int]:
+    """New complete lines of ``path`` since its checkpoint → (runs, lines, malformed)."""
+    st = path.stat()
+    key = str(path.resolve())
+    cp = conn.execute(sa.select(log_checkpoints).where(log_checkpoints.c.path == key)
+                      ).mappings().one_or_none()
+    head = _head(path)
+    offset = 0
+    if cp is not None and (cp["device"], cp["inode"], cp["head"]) == (st.st_dev, st.st_ino,
+                                                                     head):
+        offset = cp["offset"] if cp["offset"] <= st.st_size else 0  # shrank: truncated
+    runs: list[dict[str, Any]] = []
+    lines = malformed = 0
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1  # leave an unfinished last line for the next pass
+    for raw in data[:end].splitlines():
+        if not raw.strip():
+            continue
+        lines += 1
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            malformed += 1
+            continue
+        if not isinstance(event, dict):
+            malformed += 1
+            continue
+        row = _run_row(event)
+        if row is not None:
+            runs.append(row)
+    upsert(conn, log_checkpoints, [{
+        "path": key, "device": st.st_dev, "inode": st.st_ino, "head": head,
+        "offset": offset + end,
+        "malformed": (cp["malformed"] if cp is not None else 0) + malformed,
+        "updated_at": now,
+    }], key=["path"], update=["device", "inode", "head", "offset", "malformed", "updated_at"])
+    return runs, lines, malformed
+
+
+def _metric_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """Bucketed metrics from the runs table (pure: a DataFrame in, rows out)."""
+    if runs.empty:
+        return []
+    runs = runs.assign(bucket=runs["finished_at"].map(_floor))
+    out: list[dict[str, Any]] = []
+    for (bucket, job, status), n in runs.groupby(["bucket", "job", "status"]).size().items():
+        out.append({"name": "hostmeter.job.runs", "bucket": bucket, "job": job,
+                    "status": status, "value": Decimal(int(n))})
+    for (bucket, job), seconds in runs.groupby(["bucket", "job"])["duration_s"].max().items():
+        out.append({"name": "hostmeter.job.duration_seconds", "bucket": bucket, "job": job,
+                    "status": "", "value": Decimal(str(round(float(seconds), 6)))})
+    counts = pd.json_normalize(list(runs["counts"])).set_index(runs.index)
+    for name, field in COUNT_METRICS.items():
+        if field not in counts:
+            continue
+        values = pd.to_numeric(counts[field], errors="coerce")
+        frame = runs[["bucket", "job"]].assign(v=values).dropna(subset=["v"])
+        for (bucket, job), total in frame.groupby(["bucket", "job"])["v"].sum().items():
+            out.append({"name": name, "bucket": bucket, "job": job, "status": "",
+                        "value": Decimal(str(total))})
+    return out
+
+
+def _recompute(conn: Connection) -> int:
+    rows = conn.execute(sa.select(log_runs.c.finished_at, log_runs.c.job, log_runs.c.status,
+                                  log_runs.c.duration_s, log_runs.c.counts)).all()
+    frame = pd.DataFrame(rows, columns=["finished_at", "job", "status", "duration_s", "counts"])
+    metrics = _metric_rows(frame)
+    conn.execute(sa.delete(job_metrics).where(job_metrics.c.name != MALFORMED))
+    if metrics:
+        conn.execute(sa.insert(job_metrics), metrics)
+    return len(metrics)
+
+
+def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime) -> AggregateResult:
+    """Read what is new in ``paths`` and refresh the stored metrics (one transaction)."""
+    files = [f for p in paths for f in log_files(p)]
+    total_lines = total_runs = total_malformed = 0
+    with engine.begin() as conn:
+        for path in files:
+            try:
+                runs, lines, malformed = _read_new_lines(conn, path, now)
+            except OSError as exc:
+                log.warning("log_file_unreadable", path=str(path), error=str(exc))
+                continue
+            total_lines += lines
+            total_malformed += malformed
+            total_runs += insert_ignore(conn, log_runs, runs, key=["run_id"])
+        if total_malformed:
+            bucket = _floor(now)
+            old = conn.execute(sa.select(job_metrics.c.value).where(
+                job_metrics.c.name == MALFORMED, job_metrics.c.bucket == bucket)
+            ).scalar_one_or_none() or Decimal(0)
+            upsert(conn, job_metrics, [{"name": MALFORMED, "bucket": bucket, "job": "",
+                                        "status": "", "value": old + total_malformed}],
+                   key=["name", "bucket", "job", "status"], update=["value"])
+        stored = _recompute(conn)
+    log.info("job_logs_aggregated", files=len(files), lines=total_lines, runs=total_runs,
+             malformed=total_malformed, metrics=stored)
+    return AggregateResult(files=len(files), lines=total_lines, runs=total_runs,
+                           malformed=total_malformed, metrics=stored)
+
+
+# --- reading the store ---------------------------------------------------------------------
+
+
+def read_points(engine: Engine, *, since: datetime | None = None) -> list[MetricPoint]:
+    """Stored metric points (oldest first), optionally only buckets after ``since``."""
+    q = sa.select(job_metrics).order_by(job_metrics.c.bucket, job_metrics.c.name,
+                                        job_metrics.c.job, job_metrics.c.status)
+    if since is not None:
+        q = q.where(job_metrics.c.bucket > since)
+    with reading(engine) as conn:
+        rows = conn.execute(q).mappings().all()
+    return [
+        MetricPoint(name=r["name"], time=r["bucket"], value=Decimal(r["value"]),
+                    labels={k: r[k] for k in ("job", "status") if r[k]})
+        for r in rows
+    ]
+
+
+def _runs(conn: Connection, limit: int) -> list[RunFact]:
+    rows = conn.execute(sa.select(log_runs).order_by(log_runs.c.finished_at.desc())
+                        .limit(limit)).mappings().all()
+    return [RunFact(run_id=r["run_id"], job=r["job"], status=r["status"],
+                    finished_at=r["finished_at"], logical_time=r["logical_time"],
+                    duration_s=float(r["duration_s"]), counts=r["counts"] or {},
+                    error=r["error"]) for r in reversed(rows)]
+
+
+def _int(value: object) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def job_statuses(engine: Engine) -> list[JobStatus]:
+    """Per job: last success, last duration and status, runs by status, latest tenant counts."""
+    with reading(engine) as conn:
+        by_status = conn.execute(
+            sa.select(log_runs.c.job, log_runs.c.status, sa.func.count())
+            .group_by(log_runs.c.job, log_runs.c.status)).all()
+        success = dict(conn.execute(
+            sa.select(log_runs.c.job, sa.func.max(log_runs.c.finished_at))
+            .where(log_runs.c.status == "succeeded").group_by(log_runs.c.job)).all())
+        latest_at = (sa.select(log_runs.c.job, sa.func.max(log_runs.c.finished_at).label("at"))
+                     .group_by(log_runs.c.job).subquery())
+        latest = {r.job: r for r in conn.execute(
+            sa.select(log_runs).join(latest_at, sa.and_(
+                latest_at.c.job == log_runs.c.job, latest_at.c.at == log_runs.c.finished_at)))}
+    statuses: dict[str, dict[str, int]] = {}
+    for job, status, n in by_status:
+        statuses.setdefault(job, {})[status] = int(n)
+    out = []
+    for job in sorted(statuses):
+        last = latest.get(job)
+        counts = (last.counts or {}) if last is not None else {}
+        out.append(JobStatus(
+            job=job, last_success=success.get(job),
+            last_duration_s=float(last.duration_s) if last is not None else None,
+            last_status=last.status if last is not None else None,
+            runs_by_status=statuses[job],
+            tenants_expected=_int(counts.get("tenants_expected")),
+            tenants_processed=_int(counts.get("tenants_processed")),
+            tenants_failed=_int(counts.get("tenants_failed")),
+        ))
+    return out
+
+
+def months(engine: Engine, zone: Any, *, limit: int = 12) -> list[MonthBilling]:
+    """Billed totals of the latest revision of every invoice, and snapshot coverage, per month."""
+    inv = bm.invoices
+    live = (sa.select(inv.c.tenant_id, inv.c.period, sa.func.max(inv.c.revision).label("rev"))
+            .where(inv.c.status != "void").group_by(inv.c.tenant_id, inv.c.period).subquery())
+    with reading(engine) as conn:
+        rows = conn.execute(
+            sa.select(inv.c.period, inv.c.currency, inv.c.minor_units, sa.func.count(),
+                      sa.func.sum(inv.c.standard_units), sa.func.sum(inv.c.micro_units),
+                      sa.func.sum(inv.c.total))
+            .join(live, sa.and_(live.c.tenant_id == inv.c.tenant_id,
+                                live.c.period == inv.c.period, live.c.rev == inv.c.revision))
+            .group_by(inv.c.period, inv.c.currency, inv.c.minor_units)
+            .order_by(inv.c.period.desc()).limit(limit)).all()
+        out = []
+        for period, currency, minor, n, std, micro, total in reversed(rows):
+            start, end = month_bounds(period, zone)
+            sh = m.snapshot_hours
+            covered = conn.execute(sa.select(sa.func.count()).select_from(sh).where(
+                sh.c.hour >= start, sh.c.hour < end)).scalar_one()
+            out.append(MonthBilling(
+                period=period, currency=currency, invoices=int(n), standard_units=int(std),
+                micro_units=int(micro),
+                amount=Decimal(int(total)).scaleb(-int(minor)) if minor else Decimal(int(total)),
+                covered_hours=int(covered), hours_in_month=int((end - start) / timedelta(hours=1)),
+            ))
+    return out
+
+
+def _top_tenants(engine: Engine, period: str, limit: int) -> list[tuple[str, int, Decimal]]:
+    inv, t = bm.invoices, m.tenants
+    live = (sa.select(inv.c.tenant_id, sa.func.max(inv.c.revision).label("rev"))
+            .where(inv.c.period == period, inv.c.status != "void")
+            .group_by(inv.c.tenant_id).subquery())
+    with reading(engine) as conn:
+        rows = conn.execute(
+            sa.select(t.c.key, inv.c.standard_units + inv.c.micro_units, inv.c.total,
+                      inv.c.minor_units)
+            .join(live, sa.and_(live.c.tenant_id == inv.c.tenant_id,
+                                live.c.rev == inv.c.revision))
+            .join(t, t.c.id == inv.c.tenant_id)
+            .where(inv.c.period == period)
+            .order_by((inv.c.standard_units + inv.c.micro_units).desc(), t.c.key)
+            .limit(limit)).all()
+    return [(key, int(units), Decimal(int(total)).scaleb(-int(minor)) if minor
+             else Decimal(int(total))) for key, units, total, minor in rows]
+
+
+def malformed_total(engine: Engine) -> int:
+    with reading(engine) as conn:
+        return int(conn.execute(sa.select(sa.func.coalesce(
+            sa.func.sum(log_checkpoints.c.malformed), 0))).scalar_one())
+
+
+def dashboard_data(engine: Engine, zone: Any, *, now: datetime,
+                   runs: int = 2000) -> DashboardData:
+    with reading(engine) as conn:
+        facts = _runs(conn, runs)
+    month_list = months(engine, zone)
+    top = _top_tenants(engine, month_list[-1].period, 10) if month_list else []
+    return DashboardData(generated_at=now, runs=tuple(facts), jobs=tuple(job_statuses(engine)),
+                         months=tuple(month_list), top_tenants=tuple(top),
+                         malformed_lines=malformed_total(engine))
+
