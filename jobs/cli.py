@@ -34,6 +34,7 @@ from jobs.clikit import (
     translate,
 )
 from jobs.console import out, print_table, progress
+from jobs.metrics_cli import dashboard_command, metrics_group
 from jobs.models import RUN_STATUSES
 from jobs.runner import (
     DEFAULT_WAIT_S,
@@ -490,6 +491,8 @@ def demo(seed: int, period: str | None, tenants: int) -> None:
 
 cli.add_command(bench_command)
 cli.add_command(billing_group)
+cli.add_command(metrics_group)
+cli.add_command(dashboard_command)
 
 
 def main() -> None:

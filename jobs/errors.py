@@ -5,7 +5,9 @@ The tree::
     JobError
     ├── UnknownJob       no job of that name is registered
     ├── BadTrigger       a trigger (shard, event payload, option) is malformed
-    └── JobFailed        a run ended failed or partial (carries ``status`` and ``run_id``)
+    ├── JobFailed        a run ended failed or partial (carries ``status`` and ``run_id``)
+    ├── InvalidSchedule  a registry schedule expression cannot be parsed (jobs.scheduler)
+    └── MackerelError    the Mackerel API refused or could not be reached (jobs.mackerel)
 """
 
 from __future__ import annotations

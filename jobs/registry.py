@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from jobs import billing_jobs, prune_usage, snapshot_usage
+from jobs import aggregate_job_logs, billing_jobs, prune_usage, snapshot_usage
 from jobs.errors import UnknownJob
 from metering.timeutil import floor_hour, month_bounds, previous_period
 
@@ -45,6 +45,12 @@ def _month_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> date
     """Monthly jobs: the start of the billed month (``--period``, or the month before)."""
     period = options.get("period") or previous_period(at, zone)
     return month_bounds(period, zone)[0]
+
+
+def _five_minute_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> datetime:
+    """Every-5-minutes jobs: the 5-minute slot the trigger belongs to."""
+    hour = floor_hour(at)
+    return hour.replace(minute=at.astimezone(hour.tzinfo).minute // 5 * 5)
 
 
 def _day_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> datetime:
@@ -82,6 +88,14 @@ JOBS: dict[str, JobSpec] = {
             run=billing_jobs.finalize,
             key_time=_month_key,
             options=frozenset({"period", "tenants", "dry_run"}),
+        ),
+        JobSpec(
+            name="aggregate-job-logs",
+            schedule="rate(5 minutes)",
+            timezone="UTC",
+            description="read new job-log lines into job metrics; export to Mackerel/Prometheus",
+            run=aggregate_job_logs.run,
+            key_time=_five_minute_key,
         ),
         JobSpec(
             name="prune-usage",

@@ -1,0 +1,372 @@
+"""Export :class:`~jobs.metricdata.MetricPoint` values to Mackerel as service metrics.
+
+Points go to ``POST {base_url}/api/v0/services/{service}/tsdb`` with the ``X-Api-Key`` header and
+a JSON list of ``{"name", "time", "value"}`` (``time`` in epoch seconds, ``value`` a float
+converted from the ``Decimal`` here, at the edge).
+
+Metric names
+    :func:`mackerel_name` appends the label values, sorted by label *key*, to the point name and
+    replaces every character outside ``[a-zA-Z0-9._-]`` with ``_``::
+
+        hostmeter.job.runs {job: snapshot-usage, status: succeeded}
+            -> hostmeter.job.runs.snapshot-usage.succeeded
+
+Graphs
+    Mackerel draws **service** metrics without any graph definition: it groups them into one graph
+    per name up to the *last dot*. So the last label (by key) is the series within a graph and
+    the rest of the name picks the graph. The names the metrics store should emit — and
+    :data:`GROUPS` — are chosen for that::
+
+        point name (jobs.logmetrics)      labels       Mackerel graph (name before last dot)
+        hostmeter.job.runs                job, status  hostmeter.job.runs.<job>: a line per status
+        hostmeter.job.duration_seconds    job          a line per job
+        hostmeter.job.tenants_expected    job          a line per job (also _processed, _failed)
+        hostmeter.job.hosts_counted       job          a line per job (also metrics_counted,
+                                                       hours_snapshotted)
+        hostmeter.billing.invoices_written job         a line per job (also standard_units,
+                                                       micro_units, amount in minor units)
+        hostmeter.logs.malformed_lines    -            hostmeter.logs
+
+    A metric without labels must be the only unlabelled one under its parent name, or it shares
+    a graph with a stranger.
+
+    The graph-definition API (``POST /api/v0/graph-defs/create``) is for *host* custom metrics
+    (names start with ``custom.``); it does not change how service metrics are drawn.
+    :meth:`MackerelExporter.post_graph_definitions` still posts definitions for the same groups
+    (:func:`graph_definitions`), so that hosts posting the same series as custom metrics get the
+    same graphs. Posting is idempotent on Mackerel's side but needs doing only once: the method
+    returns ``True`` on success and the *caller* records that, next to its checkpoint.
+
+Delivery contract
+    :meth:`MackerelExporter.export` skips points older than 24 hours (Mackerel drops them) with a
+    ``mackerel_points_too_old`` warning, sorts the rest by time and posts them in batches.
+    429, 5xx and connection errors are retried with exponential backoff (``Retry-After`` is
+    honoured, capped at :data:`MAX_RETRY_AFTER_S`); other 4xx fail at once. On success it returns
+    :class:`ExportResult`; on failure it raises :class:`MackerelError` whose ``sent_until`` is the
+    newest time *T* such that every point at or before *T* was accepted (``None`` if none). The
+    caller advances its checkpoint to ``result.last_time`` or ``error.sent_until`` and nothing
+    further, so a failure never loses points; re-sent points overwrite themselves in Mackerel.
+
+The API key is sent in a header only; it is never logged, never in a message, never in a repr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import structlog
+
+from jobs.errors import JobError
+from jobs.metricdata import MetricPoint
+
+__all__ = [
+    "GROUPS",
+    "MAX_AGE",
+    "ExportResult",
+    "MackerelError",
+    "MackerelExporter",
+    "MetricGroup",
+    "graph_definitions",
+    "mackerel_name",
+]
+
+log = structlog.get_logger("hostmeter.mackerel")
+
+MAX_AGE = timedelta(hours=24)
+"""Mackerel drops points older than this, so they are skipped before sending."""
+MAX_RETRY_AFTER_S = 300.0
+"""A ``Retry-After`` longer than this is cut to it, so a batch job never stalls for hours."""
+
+_NAME_BAD = re.compile(r"[^a-zA-Z0-9._-]")
+
+
+class MackerelError(JobError):
+    """Mackerel refused or could not be reached; ``sent_until`` is how far delivery got."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None,
+        sent_until: datetime | None,
+        sent: int = 0,
+    ) -> None:
+        super().__init__(message, status=status, sent_until=sent_until, sent=sent)
+        self.status = status
+        self.sent_until = sent_until
+        self.sent = sent
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportResult:
+    """What one successful :meth:`MackerelExporter.export` delivered."""
+
+    sent: int
+    skipped_old: int
+    batches: int
+    last_time: datetime | None
+    """The newest point time sent (every point at or before it was accepted), or ``None``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricGroup:
+    """One graph: the point name, its label keys (sorted), Mackerel unit and title."""
+
+    name: str
+    labels: tuple[str, ...]
+    unit: str
+    title: str
+
+
+GROUPS: tuple[MetricGroup, ...] = (
+    MetricGroup(name="hostmeter.job.runs", labels=("job", "status"), unit="integer",
+                title="Job runs by status"),
+    MetricGroup(name="hostmeter.job.duration_seconds", labels=("job",), unit="float",
+                title="Run duration (s)"),
+    MetricGroup(name="hostmeter.job.tenants_expected", labels=("job",), unit="integer",
+                title="Tenants expected"),
+    MetricGroup(name="hostmeter.job.tenants_processed", labels=("job",), unit="integer",
+                title="Tenants processed"),
+    MetricGroup(name="hostmeter.job.tenants_failed", labels=("job",), unit="integer",
+                title="Tenants failed"),
+    MetricGroup(name="hostmeter.job.hosts_counted", labels=("job",), unit="integer",
+                title="Host-hours counted"),
+    MetricGroup(name="hostmeter.job.metrics_counted", labels=("job",), unit="integer",
+                title="Host metrics counted"),
+    MetricGroup(name="hostmeter.job.hours_snapshotted", labels=("job",), unit="integer",
+                title="Hours snapshotted"),
+    MetricGroup(name="hostmeter.billing.invoices_written", labels=("job",), unit="integer",
+                title="Invoices written"),
+    MetricGroup(name="hostmeter.billing.standard_units", labels=("job",), unit="integer",
+                title="Billed standard units"),
+    MetricGroup(name="hostmeter.billing.micro_units", labels=("job",), unit="integer",
+                title="Billed micro units"),
+    MetricGroup(name="hostmeter.billing.amount", labels=("job",), unit="integer",
+                title="Billed amount (minor units of the catalog currency)"),
+    MetricGroup(name="hostmeter.logs.malformed_lines", labels=(), unit="integer",
+                title="Malformed log lines"),
+)  # fmt: skip
+"""The metric groups hostmeter exports; see the module docstring for how they become graphs."""
+
+
+def mackerel_name(point: MetricPoint) -> str:
+    """The Mackerel metric name: the point name, then label values sorted by key, sanitised."""
+    parts = [point.name, *(point.labels[key] for key in sorted(point.labels))]
+    return _NAME_BAD.sub("_", ".".join(parts))
+
+
+def graph_definitions() -> list[dict[str, Any]]:
+    """Graph definitions for :data:`GROUPS` in Mackerel's ``graph-defs/create`` format.
+
+    ``#`` in a graph name makes one graph per value of that segment; ``*`` is a series.
+    """
+    defs: list[dict[str, Any]] = []
+    for group in GROUPS:
+        base = f"custom.{group.name}"
+        if group.labels:
+            graph = base + ".#" * (len(group.labels) - 1)
+            metric = graph + ".*"
+        else:  # a lone series: the graph is its parent name
+            graph, _, _ = base.rpartition(".")
+            metric = base
+        defs.append(
+            {
+                "name": graph,
+                "displayName": group.title,
+                "unit": group.unit,
+                "metrics": [{"name": metric, "isStacked": False}],
+            }
+        )
+    return defs
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:  # an HTTP date: fall back to our own backoff
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER_S)
+
+
+class MackerelExporter:
+    """Posts metric points to one Mackerel service; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        api_key: str,
+        service: str,
+        *,
+        base_url: str = "https://api.mackerelio.com",
+        client: httpx.Client | None = None,
+        batch_size: int = 100,
+        max_attempts: int = 5,
+        backoff_s: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], datetime],
+    ) -> None:
+        if not api_key:
+            raise ValueError("a Mackerel API key is required")
+        if batch_size < 1 or max_attempts < 1:
+            raise ValueError("batch_size and max_attempts must be at least 1")
+        self._api_key = api_key
+        self.service = service
+        self.base_url = base_url.rstrip("/")
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.Client(timeout=10.0)
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self._sleep = sleep
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"MackerelExporter(service={self.service!r}, base_url={self.base_url!r})"
+
+    def close(self) -> None:
+        """Close the HTTP client if this exporter created it."""
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> MackerelExporter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def tsdb_path(self) -> str:
+        """The path service metrics are posted to."""
+        return f"/api/v0/services/{self.service}/tsdb"
+
+    def export(self, points: Sequence[MetricPoint]) -> ExportResult:
+        """Send ``points`` (skipping those older than 24 h) in time order, in batches.
+
+        Returns what was sent; raises :class:`MackerelError` with ``sent_until`` on failure.
+        """
+        cutoff = self._clock() - MAX_AGE
+        old = [p for p in points if p.time < cutoff]
+        if old:
+            log.warning(
+                "mackerel_points_too_old",
+                count=len(old),
+                oldest=min(p.time for p in old).isoformat(),
+                cutoff=cutoff.isoformat(),
+            )
+        fresh = sorted((p for p in points if p.time >= cutoff), key=lambda p: (p.time, p.name))
+        sent = 0
+        batches = 0
+        for start in range(0, len(fresh), self.batch_size):
+            batch = fresh[start : start + self.batch_size]
+            body = [
+                {
+                    "name": mackerel_name(p),
+                    "time": int(p.time.timestamp()),
+                    "value": float(p.value),
+                }
+                for p in batch
+            ]
+            try:
+                self._post(self.tsdb_path, body)
+            except MackerelError as exc:
+                sent_until = _sent_until(fresh, sent)
+                log.error(
+                    "mackerel_export_failed",
+                    service=self.service,
+                    status=exc.status,
+                    sent=sent,
+                    pending=len(fresh) - sent,
+                    sent_until=sent_until.isoformat() if sent_until else None,
+                )
+                raise MackerelError(
+                    exc.message, status=exc.status, sent_until=sent_until, sent=sent
+                ) from exc
+            sent += len(batch)
+            batches += 1
+        last_time = fresh[-1].time if fresh else None
+        log.info(
+            "mackerel_exported",
+            service=self.service,
+            sent=sent,
+            batches=batches,
+            skipped_old=len(old),
+            last_time=last_time.isoformat() if last_time else None,
+        )
+        return ExportResult(sent=sent, skipped_old=len(old), batches=batches, last_time=last_time)
+
+    def post_graph_definitions(self) -> bool:
+        """Post :func:`graph_definitions`; ``True`` on success, for the caller to record.
+
+        Raises :class:`MackerelError` (``sent_until`` is ``None``) when Mackerel refuses.
+        """
+        self._post("/api/v0/graph-defs/create", graph_definitions())
+        log.info("mackerel_graph_definitions_posted", graphs=len(GROUPS))
+        return True
+
+    def _post(self, path: str, body: list[dict[str, Any]]) -> None:
+        """POST ``body`` as JSON, retrying 429, 5xx and connection errors; raise on failure."""
+        url = self.base_url + path
+        content = json.dumps(body, allow_nan=False).encode()
+        headers = {"X-Api-Key": self._api_key, "Content-Type": "application/json"}
+        reason = ""
+        status: int | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            wait = self.backoff_s * 2 ** (attempt - 1)
+            try:
+                response = self._client.post(url, content=content, headers=headers)
+            except httpx.TransportError as exc:
+                status, reason = None, f"connection error ({type(exc).__name__})"
+            else:
+                status = response.status_code
+                if response.is_success:
+                    return
+                reason = f"HTTP {status}"
+                detail = _one_line(response.text.replace(self._api_key, "***"))
+                if detail:
+                    reason += f" ({detail})"
+                if status != 429 and status < 500:
+                    break  # a request Mackerel will never accept: retrying cannot help
+                wait = _retry_after(response) or wait
+            if attempt < self.max_attempts:
+                log.warning(
+                    "mackerel_retry",
+                    path=path,
+                    attempt=attempt,
+                    status=status,
+                    wait_s=wait,
+                )
+                self._sleep(wait)
+        tries = "once" if attempt == 1 else f"after {attempt} attempts"
+        raise MackerelError(f"Mackerel POST {path} failed {tries}: {reason}", status=status,
+                            sent_until=None)  # fmt: skip
+
+
+def _sent_until(fresh: Sequence[MetricPoint], sent: int) -> datetime | None:
+    """The newest time *T* with every point at or before *T* among the first ``sent``.
+
+    A batch may end inside a timestamp; that timestamp is then not fully delivered.
+    """
+    if sent == 0:
+        return None
+    last = fresh[sent - 1].time
+    if sent < len(fresh) and fresh[sent].time == last:
+        earlier = [p.time for p in fresh[:sent] if p.time < last]
+        return earlier[-1] if earlier else None
+    return last

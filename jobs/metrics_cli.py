@@ -1,0 +1,104 @@
+"""``hostmeter metrics aggregate|serve`` and ``hostmeter dashboard``."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from jobs import aggregate_job_logs
+from jobs.clikit import EXIT_BAD_INPUT, EXIT_FAILED, Group, current_state, fail
+from jobs.runtime import JobContext, run_job
+
+__all__ = ["dashboard_command", "metrics_group"]
+
+
+@click.group("metrics", cls=Group)
+def metrics_group() -> None:
+    """Job metrics aggregated from the jobs' own JSON logs, and their exports."""
+
+
+@metrics_group.command("aggregate")
+@click.option("--logs", "logs", multiple=True, metavar="PATH",
+              help="A log file or directory (default HOSTMETER_LOG_DIR); repeatable.")
+@click.option("--export", "exports", multiple=True,
+              type=click.Choice(["mackerel", "prometheus"]),
+              help="Also export: mackerel (needs MACKEREL_API_KEY) or prometheus (textfile "
+                   "HOSTMETER_PROMETHEUS_TEXTFILE, default <log dir>/hostmeter.prom).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def aggregate_cmd(logs: tuple[str, ...], exports: tuple[str, ...], fmt: str) -> None:
+    """Read new job-log lines (checkpointed: reading again adds nothing) into metrics."""
+    for path in logs:
+        if not Path(path).exists():
+            fail(f"--logs {path}: no such file or directory", EXIT_BAD_INPUT)
+    state = current_state()
+    ctx = JobContext(engine=state.engine(), settings=state.settings)
+    result = run_job("aggregate-job-logs", aggregate_job_logs.run, ctx, datetime.now(UTC),
+                     logs=logs, exports=list(exports))
+    if fmt == "json":
+        click.echo(json.dumps({"status": result.status, **result.counts,
+                               "error": result.error}, default=str))
+    else:
+        click.echo(f"aggregate-job-logs {result.status}: "
+                   + ", ".join(f"{k}={v}" for k, v in result.counts.items()))
+    if not result.ok:
+        fail(f"aggregate-job-logs failed: {result.error}", EXIT_FAILED)
+
+
+@metrics_group.command("serve")
+@click.option("--port", type=click.IntRange(1, 65535), default=9464, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def serve_cmd(port: int, host: str) -> None:
+    """Serve the Prometheus exposition on http://HOST:PORT/metrics until Ctrl-C."""
+    from jobs.exports import prometheus_registry
+    from jobs.prometheus import serve
+
+    state = current_state()
+    engine = state.engine()
+    server = serve(port, lambda: prometheus_registry(engine, state.settings.zone), host=host)
+    click.echo(f"serving http://{host}:{port}/metrics; Ctrl-C to stop", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+
+
+@click.command("dashboard")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("dashboard.html"), show_default=True, help="Write the page here.")
+@click.option("--serve", "do_serve", is_flag=True, help="Serve it on localhost instead.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8050, show_default=True)
+def dashboard_command(out_path: Path, do_serve: bool, port: int) -> None:
+    """One self-contained HTML page: job durations, runs by status, tenants expected vs
+    processed, snapshot coverage, billed units and amounts, top tenants, failed runs.
+
+    Run `hostmeter metrics aggregate` first: the page shows the aggregated job logs.
+    """
+    from jobs.dashboard import serve, write
+    from jobs.logmetrics import dashboard_data
+
+    state = current_state()
+    engine = state.engine()
+
+    def build():  # type: ignore[no-untyped-def]
+        return dashboard_data(engine, state.settings.zone, now=datetime.now(UTC))
+
+    if do_serve:
+        server, bound = serve(port, build)
+        click.echo(f"serving http://127.0.0.1:{bound}/ ; Ctrl-C to stop", err=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+        return
+    write(out_path, build())
+    click.echo(f"wrote {out_path}")
