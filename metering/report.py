@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from fractions import Fraction
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -30,9 +29,6 @@ class TenantMonth:
     service_metrics: int
     monitors: int
     max_host_metrics: int
-
-    def average(self, total: int, hours_in_month: int) -> Fraction:
-        return Fraction(total, hours_in_month)
 
     @property
     def main_plan(self) -> str:
