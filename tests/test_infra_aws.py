@@ -1,0 +1,528 @@
+"""infra/aws/hostmeter.yaml: the CloudFormation template that runs the registry's jobs on AWS.
+
+- drift: every job in ``jobs.registry.JOBS`` has exactly one EventBridge Scheduler schedule (one
+  per shard of ``CloseShards`` for shardable jobs) with the registry's expression and time zone,
+  and every schedule names a registered job, with a command ``hostmeter run`` accepts or a
+  payload ``jobs.aws.handler`` accepts;
+- the template passes ``cfn-lint`` (skipped when cfn-lint is not installed);
+- IAM: no wildcard action, ``Resource: "*"`` only for actions that have no resource type, and
+  each role grants exactly the listed permissions (a new grant fails the test until it is
+  reviewed and added here).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from jobs import aws
+from jobs.cli import run_cmd
+from jobs.registry import JOBS
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "infra" / "aws" / "hostmeter.yaml"
+
+PLACEHOLDER = "<aws.scheduler.scheduled-time>"
+CONTAINER = "hostmeter"
+# The registry has no "where does this job run" property: the jobs that run on Lambda.
+LAMBDA_JOBS = frozenset({"aggregate-job-logs"})
+
+CLUSTER_ARN = {"Fn::GetAtt": ["Cluster", "Arn"]}
+FUNCTION_ARN = {"Fn::GetAtt": ["AggregateJobLogsFunction", "Arn"]}
+DLQ_ARN = {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
+SSM_PARAMETER_ARN = {
+    "Fn::Sub": "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}"
+               ":parameter${MackerelApiKeyParameterName}"
+}
+
+
+# ---------------------------------------------------------------- loading the template
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """SafeLoader that reads CloudFormation's short tags as their long forms."""
+
+
+def _cfn_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    value: Any
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        assert isinstance(node, yaml.MappingNode)
+        value = loader.construct_mapping(node, deep=True)
+    if suffix == "Ref":
+        return {"Ref": value}
+    if suffix == "Condition":
+        return {"Condition": value}
+    if suffix == "GetAtt" and isinstance(value, str):
+        return {"Fn::GetAtt": value.split(".", 1)}
+    return {f"Fn::{suffix}": value}
+
+
+_CfnLoader.add_multi_constructor("!", _cfn_tag)
+
+
+@cache
+def _template() -> dict[str, Any]:
+    loaded = yaml.load(TEMPLATE.read_text(encoding="utf-8"), Loader=_CfnLoader)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def _resources(kind: str) -> dict[str, dict[str, Any]]:
+    return {name: res for name, res in _template()["Resources"].items() if res["Type"] == kind}
+
+
+def _only(kind: str) -> tuple[str, dict[str, Any]]:
+    found = _resources(kind)
+    assert len(found) == 1, f"expected one {kind}, found {sorted(found)}"
+    return next(iter(found.items()))
+
+
+def _allowed_close_shards() -> list[str]:
+    return [str(v) for v in _template()["Parameters"]["CloseShards"]["AllowedValues"]]
+
+
+# ---------------------------------------------------------------- conditions
+
+
+def _parameters(**overrides: str) -> dict[str, str]:
+    params = {name: str(p.get("Default", "")) for name, p in _template()["Parameters"].items()}
+    params.update(overrides)
+    return params
+
+
+def _evaluate(expr: Any, params: Mapping[str, str]) -> Any:
+    """Evaluate the condition functions this template uses (and fail on any other)."""
+    if isinstance(expr, dict):
+        ((fn, arg),) = expr.items()
+        if fn == "Ref":
+            return params[arg]
+        if fn == "Condition":
+            return _evaluate(_template()["Conditions"][arg], params)
+        if fn == "Fn::Equals":
+            left, right = (_evaluate(a, params) for a in arg)
+            return str(left) == str(right)
+        if fn == "Fn::Not":
+            return not _evaluate(arg[0], params)
+        if fn == "Fn::And":
+            return all(_evaluate(a, params) for a in arg)
+        if fn == "Fn::Or":
+            return any(_evaluate(a, params) for a in arg)
+        raise AssertionError(f"condition function {fn} is not understood by this test")
+    return expr
+
+
+def _exists(resource: Mapping[str, Any], params: Mapping[str, str]) -> bool:
+    condition = resource.get("Condition")
+    return condition is None or bool(_evaluate({"Condition": condition}, params))
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def _schedules() -> dict[str, dict[str, Any]]:
+    return _resources("AWS::Scheduler::Schedule")
+
+
+def _command(props: Mapping[str, Any]) -> list[str]:
+    overrides = json.loads(props["Target"]["Input"])
+    assert set(overrides) == {"containerOverrides"}, overrides
+    (container,) = overrides["containerOverrides"]
+    assert container["name"] == CONTAINER
+    command = container["command"]
+    assert isinstance(command, list)
+    assert all(isinstance(arg, str) for arg in command)
+    return command
+
+
+def _invocation(props: Mapping[str, Any]) -> tuple[str, str, str | None]:
+    """A schedule's (target kind, job, shard)."""
+    target = props["Target"]
+    if target["Arn"] == CLUSTER_ARN:
+        command = _command(props)
+        assert command[:1] == ["run"] and len(command) >= 2, command
+        shard = command[command.index("--shard") + 1] if "--shard" in command else None
+        return "ecs", command[1], shard
+    if target["Arn"] == FUNCTION_ARN:
+        payload = json.loads(target["Input"])
+        return "lambda", payload["job"], payload.get("shard")
+    raise AssertionError(f"schedule target {target['Arn']} is neither the cluster nor the function")
+
+
+def _expected_command(job: str, shard: str | None) -> list[str]:
+    command = ["run", job, "--at", PLACEHOLDER, "--trigger", "schedule"]
+    return [*command, "--shard", shard] if shard else command
+
+
+@pytest.mark.parametrize("close_shards", _allowed_close_shards())
+def test_schedules_match_the_registry_one_per_job_and_shard(close_shards: str) -> None:
+    params = _parameters(CloseShards=close_shards)
+    n = int(close_shards)
+    found: dict[str, list[tuple[str, str, str | None]]] = {}
+    for name, res in _schedules().items():
+        if not _exists(res, params):
+            continue
+        kind, job, shard = _invocation(res["Properties"])
+        assert job in JOBS, f"{name} runs {job!r}, which the registry does not know"
+        spec = JOBS[job]
+        props = res["Properties"]
+        assert props["ScheduleExpression"] == spec.schedule, name
+        assert props["ScheduleExpressionTimezone"] == spec.timezone, name
+        found.setdefault(job, []).append((name, kind, shard))
+
+    assert sorted(found) == sorted(JOBS), "jobs without a schedule (or schedules without a job)"
+    for job, spec in JOBS.items():
+        want_kind = "lambda" if job in LAMBDA_JOBS else "ecs"
+        assert [kind for _, kind, _ in found[job]] == [want_kind] * len(found[job]), job
+        shards = sorted(shard or "" for _, _, shard in found[job])
+        if spec.shardable and n > 1:
+            assert shards == [f"{i}/{n}" for i in range(n)], (job, close_shards, found[job])
+        else:
+            assert shards == [""], (job, close_shards, found[job])
+
+
+def test_close_shards_parameter_defaults_to_one_shard() -> None:
+    param = _template()["Parameters"]["CloseShards"]
+    assert param["Type"] == "Number"
+    assert _allowed_close_shards() == ["1", "2", "4"]
+    assert str(param["Default"]) == "1"
+
+
+def test_every_schedule_fires_on_time_retries_and_dead_letters() -> None:
+    (queue, _) = _only("AWS::SQS::Queue")
+    (group, _) = _only("AWS::Scheduler::ScheduleGroup")
+    assert _schedules()
+    for name, res in _schedules().items():
+        props = res["Properties"]
+        assert props["FlexibleTimeWindow"] == {"Mode": "OFF"}, name
+        assert props["State"] == "ENABLED", name
+        assert props["GroupName"] == {"Ref": group}, name
+        target = props["Target"]
+        assert target["RoleArn"] == {"Fn::GetAtt": ["SchedulerRole", "Arn"]}, name
+        retry = target["RetryPolicy"]
+        assert set(retry) == {"MaximumRetryAttempts", "MaximumEventAgeInSeconds"}, name
+        assert 0 < retry["MaximumRetryAttempts"] <= 185, name
+        assert 60 <= retry["MaximumEventAgeInSeconds"] <= 86400, name
+        assert target["DeadLetterConfig"] == {"Arn": {"Fn::GetAtt": [queue, "Arn"]}}, name
+
+
+def test_ecs_schedules_run_the_task_with_the_scheduled_time_in_private_subnets() -> None:
+    (task_def, _) = _only("AWS::ECS::TaskDefinition")
+    ecs = {n: r for n, r in _schedules().items() if r["Properties"]["Target"]["Arn"] == CLUSTER_ARN}
+    assert ecs
+    for name, res in ecs.items():
+        target = res["Properties"]["Target"]
+        assert target["EcsParameters"] == {
+            "TaskDefinitionArn": {"Ref": task_def},
+            "TaskCount": 1,
+            "LaunchType": "FARGATE",
+            "PlatformVersion": "LATEST",
+            "NetworkConfiguration": {"AwsvpcConfiguration": {
+                "Subnets": {"Ref": "VpcSubnetIds"},
+                "SecurityGroups": {"Ref": "SecurityGroupIds"},
+                "AssignPublicIp": "DISABLED",
+            }},
+        }, name
+        _, job, shard = _invocation(res["Properties"])
+        command = _command(res["Properties"])
+        assert command == _expected_command(job, shard), name
+        # and the real CLI parses it: the job, the time placeholder, trigger, shard
+        parsed = run_cmd.make_context("run", command[1:]).params
+        assert (parsed["job"], parsed["at"], parsed["trigger"], parsed["shard"]) == (
+            job, PLACEHOLDER, "schedule", shard), name
+
+
+def test_lambda_schedule_sends_a_payload_the_handler_accepts() -> None:
+    lam = {n: r for n, r in _schedules().items()
+           if r["Properties"]["Target"]["Arn"] == FUNCTION_ARN}
+    assert sorted(_invocation(r["Properties"])[1] for r in lam.values()) == sorted(LAMBDA_JOBS)
+    for name, res in lam.items():
+        target = res["Properties"]["Target"]
+        assert "EcsParameters" not in target, name
+        payload = json.loads(target["Input"])
+        assert payload == {"job": payload["job"], "scheduled_time": PLACEHOLDER}, name
+        filled = json.loads(target["Input"].replace(PLACEHOLDER, "2026-10-15T10:05:00Z"))
+        request = aws.parse_event(filled)
+        assert request.job == payload["job"]
+        assert request.trigger == "schedule"
+        assert request.scheduled_time == datetime(2026, 10, 15, 10, 5, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------- task definition and Lambda
+
+
+def _container() -> dict[str, Any]:
+    (_, task_def) = _only("AWS::ECS::TaskDefinition")
+    (container,) = task_def["Properties"]["ContainerDefinitions"]
+    assert isinstance(container, dict)
+    return container
+
+
+def test_task_definition_is_fargate_with_secrets_from_the_stores_not_the_environment() -> None:
+    (_, task_def) = _only("AWS::ECS::TaskDefinition")
+    props = task_def["Properties"]
+    assert props["RequiresCompatibilities"] == ["FARGATE"]
+    assert props["NetworkMode"] == "awsvpc"
+    assert props["ExecutionRoleArn"] == {"Fn::GetAtt": ["TaskExecutionRole", "Arn"]}
+    assert props["TaskRoleArn"] == {"Fn::GetAtt": ["TaskRole", "Arn"]}
+    container = _container()
+    assert container["Name"] == CONTAINER
+    assert container["Image"] == {"Ref": "ImageUri"}
+    assert "EntryPoint" not in container  # the image's ENTRYPOINT is hostmeter
+    assert {e["Name"]: e["Value"] for e in container["Environment"]} == {
+        "HOSTMETER_BILLING_TZ": "Asia/Tokyo",
+        "HOSTMETER_LOG_DIR": "/tmp/hostmeter-logs",
+        "HOSTMETER_MACKEREL_SERVICE": {"Ref": "MackerelService"},
+    }
+    assert {s["Name"]: s["ValueFrom"] for s in container["Secrets"]} == {
+        "HOSTMETER_DATABASE_URL": {"Ref": "DatabaseUrlSecretArn"},
+        "MACKEREL_API_KEY": SSM_PARAMETER_ARN,
+    }
+    assert container["LogConfiguration"] == {"LogDriver": "awslogs", "Options": {
+        "awslogs-group": {"Ref": "TaskLogGroup"},
+        "awslogs-region": {"Ref": "AWS::Region"},
+        "awslogs-stream-prefix": "job",
+    }}
+
+
+def test_lambda_function_runs_jobs_aws_handler_from_the_s3_package() -> None:
+    (name, function) = _only("AWS::Lambda::Function")
+    assert {"Fn::GetAtt": [name, "Arn"]} == FUNCTION_ARN
+    props = function["Properties"]
+    assert props["Runtime"] == "python3.11"
+    assert props["Handler"] == "jobs.aws.handler"
+    module, _, attr = props["Handler"].rpartition(".")
+    assert getattr(importlib.import_module(module), attr) is aws.handler
+    assert props["Code"] == {"S3Bucket": {"Ref": "LambdaCodeS3Bucket"},
+                             "S3Key": {"Ref": "LambdaCodeS3Key"}}
+    assert props["Timeout"] > aws.DEFAULT_LOCK_WAIT_S
+    env = props["Environment"]["Variables"]
+    assert env["HOSTMETER_BILLING_TZ"] == "Asia/Tokyo"
+    assert env["HOSTMETER_LOG_DIR"].startswith("/tmp/")
+    assert env["HOSTMETER_MACKEREL_SERVICE"] == {"Ref": "MackerelService"}
+    # a dynamic reference, resolved by CloudFormation: never a plain parameter value
+    assert env["HOSTMETER_DATABASE_URL"] == {
+        "Fn::Sub": "{{resolve:secretsmanager:${DatabaseUrlSecretArn}:SecretString}}"}
+    assert props["LoggingConfig"]["LogGroup"] == {"Ref": "LambdaLogGroup"}
+    (_, invoke_config) = _only("AWS::Lambda::EventInvokeConfig")
+    assert invoke_config["Properties"]["FunctionName"] == {"Ref": name}
+    assert invoke_config["Properties"]["DestinationConfig"] == {
+        "OnFailure": {"Destination": DLQ_ARN}}
+
+
+def test_log_groups_keep_logs_for_the_retention_parameter() -> None:
+    groups = _resources("AWS::Logs::LogGroup")
+    assert sorted(groups) == ["LambdaLogGroup", "TaskLogGroup"]
+    for name, group in groups.items():
+        assert group["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}, name
+    param = _template()["Parameters"]["LogRetentionDays"]
+    assert (param["Type"], str(param["Default"])) == ("Number", "30")
+
+
+def test_parameters_and_outputs() -> None:
+    params = _template()["Parameters"]
+    types = {name: p["Type"] for name, p in params.items()}
+    assert {
+        "ImageUri": "String",
+        "VpcSubnetIds": "List<AWS::EC2::Subnet::Id>",
+        "SecurityGroupIds": "List<AWS::EC2::SecurityGroup::Id>",
+        "DatabaseUrlSecretArn": "String",
+        "MackerelApiKeyParameterName": "String",
+        "MackerelService": "String",
+        "CloseShards": "Number",
+        "LogRetentionDays": "Number",
+        "TaskCpu": "String",
+        "TaskMemory": "String",
+        "LambdaCodeS3Bucket": "String",
+        "LambdaCodeS3Key": "String",
+    }.items() <= types.items()
+    assert params["MackerelService"]["Default"] == "hostmeter"
+    outputs = {name: o["Value"] for name, o in _template()["Outputs"].items()}
+    assert outputs == {
+        "ClusterName": {"Ref": "Cluster"},
+        "TaskDefinitionArn": {"Ref": "TaskDefinition"},
+        "DeadLetterQueueUrl": {"Ref": "DeadLetterQueue"},
+        "ScheduleGroupName": {"Ref": "ScheduleGroup"},
+    }
+
+
+# ---------------------------------------------------------------- cfn-lint
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cfnlint") is None,
+                    reason="cfn-lint is not installed (pip install 'cfn-lint>=1.0')")
+def test_cfn_lint_passes() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from cfnlint.runner import main; sys.exit(main())",
+         str(TEMPLATE)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- IAM
+
+Grant = tuple[str, str, str]  # (action, resource, condition) as canonical JSON
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _statements(document: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """A policy's statements; both branches of an ``Fn::If`` (the grant exists when it holds)."""
+    for statement in _listed(document["Statement"]):
+        if isinstance(statement, dict) and set(statement) == {"Fn::If"}:
+            _, *branches = statement["Fn::If"]
+            yield from (b for b in branches if b != {"Ref": "AWS::NoValue"})
+        else:
+            yield statement
+
+
+def _policies() -> Iterator[tuple[str, dict[str, Any]]]:
+    """(owner, statement) for every identity policy in the template."""
+    for kind in ("AWS::IAM::Role", "AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"):
+        for name, res in _resources(kind).items():
+            props = res["Properties"]
+            documents = [p["PolicyDocument"] for p in props.get("Policies", [])]
+            if "PolicyDocument" in props:
+                documents.append(props["PolicyDocument"])
+            for document in documents:
+                for statement in _statements(document):
+                    yield name, statement
+
+
+def _grants(role: str) -> set[Grant]:
+    grants: set[Grant] = set()
+    for owner, statement in _policies():
+        if owner != role:
+            continue
+        for action in _listed(statement["Action"]):
+            for resource in _listed(statement["Resource"]):
+                grants.add((action, _canon(resource), _canon(statement.get("Condition"))))
+    return grants
+
+
+def _grant(action: str, resource: Any, condition: Any = None) -> Grant:
+    return action, _canon(resource), _canon(condition)
+
+
+def test_no_statement_allows_a_wildcard_action_or_uses_not_action() -> None:
+    statements = list(_policies())
+    assert statements
+    for owner, statement in statements:
+        assert statement["Effect"] == "Allow", owner
+        assert not {"NotAction", "NotResource", "NotPrincipal"} & set(statement), owner
+        for action in _listed(statement["Action"]):
+            assert isinstance(action, str) and "*" not in action, (owner, action)
+    for name, role in _resources("AWS::IAM::Role").items():
+        assert "ManagedPolicyArns" not in role["Properties"], f"{name}: managed policies are broad"
+
+
+def test_resource_star_only_for_actions_that_have_no_resource_type() -> None:
+    star = {(owner, action) for owner, statement in _policies()
+            for action in _listed(statement["Action"]) if "*" in _listed(statement["Resource"])}
+    assert star == {
+        ("TaskExecutionRole", "ecr:GetAuthorizationToken"),
+        # Lambda in a VPC: these Describe calls only work on "*"
+        ("LambdaRole", "ec2:DescribeNetworkInterfaces"),
+        ("LambdaRole", "ec2:DescribeSubnets"),
+    }
+
+
+def test_roles_are_assumed_only_by_their_service_from_this_account() -> None:
+    services = {"TaskExecutionRole": "ecs-tasks.amazonaws.com",
+                "TaskRole": "ecs-tasks.amazonaws.com",
+                "LambdaRole": "lambda.amazonaws.com",
+                "SchedulerRole": "scheduler.amazonaws.com"}
+    assert sorted(_resources("AWS::IAM::Role")) == sorted(services)
+    for name, service in services.items():
+        trust = _resources("AWS::IAM::Role")[name]["Properties"]["AssumeRolePolicyDocument"]
+        assert trust["Statement"] == [{
+            "Effect": "Allow",
+            "Principal": {"Service": service},
+            "Action": "sts:AssumeRole",
+            "Condition": {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}},
+        }], name
+
+
+def test_scheduler_role_runs_only_the_task_definition_and_invokes_only_the_function() -> None:
+    assert _grants("SchedulerRole") == {
+        _grant("ecs:RunTask", {"Ref": "TaskDefinition"},
+               {"ArnEquals": {"ecs:cluster": CLUSTER_ARN}}),
+        _grant("iam:PassRole", {"Fn::GetAtt": ["TaskExecutionRole", "Arn"]},
+               {"StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}}),
+        _grant("iam:PassRole", {"Fn::GetAtt": ["TaskRole", "Arn"]},
+               {"StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}}),
+        _grant("lambda:InvokeFunction", FUNCTION_ARN),
+        _grant("sqs:SendMessage", DLQ_ARN),
+    }
+
+
+def test_task_execution_role_pulls_the_image_writes_its_log_reads_its_two_secrets() -> None:
+    repository = {"Ref": "ImageRepositoryArn"}
+    log_group = {"Fn::GetAtt": ["TaskLogGroup", "Arn"]}
+    kms_via = {"StringEquals": {"kms:ViaService": [
+        {"Fn::Sub": "ssm.${AWS::Region}.amazonaws.com"},
+        {"Fn::Sub": "secretsmanager.${AWS::Region}.amazonaws.com"},
+    ]}}
+    assert _grants("TaskExecutionRole") == {
+        _grant("ecr:GetAuthorizationToken", "*"),
+        _grant("ecr:BatchCheckLayerAvailability", repository),
+        _grant("ecr:GetDownloadUrlForLayer", repository),
+        _grant("ecr:BatchGetImage", repository),
+        _grant("logs:CreateLogStream", log_group),
+        _grant("logs:PutLogEvents", log_group),
+        _grant("secretsmanager:GetSecretValue", {"Ref": "DatabaseUrlSecretArn"}),
+        _grant("ssm:GetParameters", SSM_PARAMETER_ARN),
+        _grant("kms:Decrypt", {"Ref": "SecretsKmsKeyArn"}, kms_via),
+    }
+
+
+def test_kms_decrypt_is_granted_only_when_a_customer_key_is_given() -> None:
+    (policy,) = _resources("AWS::IAM::Role")["TaskExecutionRole"]["Properties"]["Policies"]
+    conditional = [s for s in policy["PolicyDocument"]["Statement"] if "Fn::If" in s]
+    assert [s["Fn::If"][0] for s in conditional] == ["HasKmsKey"]
+    assert conditional[0]["Fn::If"][1]["Action"] == "kms:Decrypt"
+    assert conditional[0]["Fn::If"][2] == {"Ref": "AWS::NoValue"}
+    assert _evaluate({"Condition": "HasKmsKey"}, _parameters()) is False
+    assert _evaluate({"Condition": "HasKmsKey"},
+                     _parameters(SecretsKmsKeyArn="arn:aws:kms:ap-northeast-1:1:key/x")) is True
+
+
+def test_task_role_grants_nothing() -> None:
+    assert _grants("TaskRole") == set()
+
+
+def test_lambda_role_writes_its_log_dead_letters_and_manages_its_vpc_interfaces() -> None:
+    log_group = {"Fn::GetAtt": ["LambdaLogGroup", "Arn"]}
+    enis = {"Fn::Sub": "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:*/*"}
+    assert _grants("LambdaRole") == {
+        _grant("logs:CreateLogStream", log_group),
+        _grant("logs:PutLogEvents", log_group),
+        _grant("sqs:SendMessage", DLQ_ARN),
+        _grant("ec2:DescribeNetworkInterfaces", "*"),
+        _grant("ec2:DescribeSubnets", "*"),
+        _grant("ec2:CreateNetworkInterface", enis),
+        _grant("ec2:DeleteNetworkInterface", enis),
+        _grant("ec2:AssignPrivateIpAddresses", enis),
+        _grant("ec2:UnassignPrivateIpAddresses", enis),
+    }
