@@ -21,7 +21,7 @@ from typing import Any
 
 from billing.catalog import Catalog
 
-__all__ = ["Line", "MonthSums", "Rating", "ceil_div", "format_money", "rate"]
+__all__ = ["Line", "MonthSums", "Rating", "ceil_div", "format_money", "rate", "to_decimal"]
 
 STANDARD_ITEMS = (
     "standard_hosts",
@@ -45,9 +45,14 @@ def _fraction_text(value: Fraction) -> str:
     return f"{value.numerator}/{value.denominator}"
 
 
+def to_decimal(amount: int, minor_units: int) -> Decimal:
+    """Integer minor units → the amount in currency units, exactly (1234 cents → 12.34)."""
+    return Decimal(int(amount)).scaleb(-int(minor_units)) if minor_units else Decimal(int(amount))
+
+
 def format_money(amount: int, minor_units: int) -> str:
     """Integer minor units → decimal text: 12318 JPY → "12318"; 1234 (cents) → "12.34"."""
-    return str(Decimal(amount).scaleb(-minor_units)) if minor_units else str(amount)
+    return str(to_decimal(amount, minor_units))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

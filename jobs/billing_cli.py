@@ -12,19 +12,16 @@ import click
 
 from billing import repository as repo
 from billing.documents import CSV_COLUMNS, csv_rows, period_document
-from billing.errors import BillingError, CatalogError, ReasonRequired, UnknownTenant
 from billing.rules import format_money
 from billing.service import BillingOutcome
 from jobs import billing_jobs
-from jobs.clikit import EXIT_BAD_INPUT, EXIT_FAILED, Group, current_state, fail, parse_at
+from jobs.clikit import EXIT_FAILED, Group, current_state, fail, parse_at, raise_known
 from jobs.console import err, out, print_table
 from jobs.runtime import JobContext, run_job
 from metering.db import reading
 from metering.timeutil import month_bounds
 
 __all__ = ["billing_group"]
-
-_BAD_INPUT = (ReasonRequired, UnknownTenant, CatalogError)
 
 
 @click.group("billing", cls=Group)
@@ -62,12 +59,8 @@ def _run(name: str, body: Callable[..., dict[str, Any]], period: str, *, at: str
     ctx = JobContext(engine=engine, settings=state.settings, trigger="manual")
     sink: list[BillingOutcome] = []
     result = run_job(name, body, ctx, parse_at(at), period=period, outcomes=sink, **options)
+    raise_known(result.exception)
     if result.exception is not None:
-        exc = result.exception
-        if isinstance(exc, _BAD_INPUT):
-            fail(str(exc), EXIT_BAD_INPUT)
-        if isinstance(exc, BillingError):
-            fail(str(exc), EXIT_FAILED)
         fail(f"{name} failed: {result.error}", EXIT_FAILED)
     outcome = sink[0]
     _print_outcome(outcome, fmt)

@@ -17,7 +17,6 @@ from typing import Any, BinaryIO
 
 import click
 
-from billing.errors import BillingError
 from jobs import registry, snapshot_usage
 from jobs._logging import configure_logging
 from jobs.bench import bench_command
@@ -31,6 +30,7 @@ from jobs.clikit import (
     current_state,
     fail,
     parse_at,
+    raise_known,
     translate,
 )
 from jobs.console import out, print_table, progress
@@ -289,17 +289,13 @@ def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ..
         if spec.shardable:
             options["shard"] = the_shard
         result = run_job(spec.name, spec.run, ctx, logical, **options)
-        if result.exception is not None and isinstance(result.exception,
-                                                       MeteringError | BillingError):
-            raise translate(result.exception)
+        raise_known(result.exception)
         _finish(result, fmt)
         return
     outcome = execute(engine, settings, RunRequest(
         job=spec.name, scheduled_time=logical, trigger=trigger, shard=the_shard, force=force,
         options=options), wait_s=wait_s)
-    if outcome.exception is not None and isinstance(outcome.exception,
-                                                    MeteringError | BillingError):
-        raise translate(outcome.exception)
+    raise_known(outcome.exception)
     _print_outcome(outcome, fmt)
 
 

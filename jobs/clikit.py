@@ -36,6 +36,7 @@ __all__ = [
     "current_state",
     "fail",
     "parse_at",
+    "raise_known",
     "translate",
 ]
 
@@ -74,6 +75,13 @@ def translate(exc: Exception) -> click.ClickException:
     if isinstance(exc, MeteringError | JobError | BillingError):
         return CliError(str(exc), EXIT_FAILED)
     raise exc
+
+
+def raise_known(exc: BaseException | None) -> None:
+    """Re-raise a job's failure as its one-line CLI error when it is one of ours (bad input →
+    exit 2, anything else of ours → exit 1); do nothing for ``None`` or a foreign error."""
+    if isinstance(exc, MeteringError | JobError | BillingError):
+        raise translate(exc)
 
 
 class Group(click.Group):

@@ -32,6 +32,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 
 from billing import models as bm
+from billing.rules import to_decimal
 from jobs.metricdata import DashboardData, JobStatus, MetricPoint, MonthBilling, RunFact
 from jobs.models import job_metrics, log_checkpoints, log_runs
 from metering import models as m
@@ -322,7 +323,7 @@ def months(engine: Engine, zone: Any, *, limit: int = 12) -> list[MonthBilling]:
             out.append(MonthBilling(
                 period=period, currency=currency, invoices=int(n), standard_units=int(std),
                 micro_units=int(micro),
-                amount=Decimal(int(total)).scaleb(-int(minor)) if minor else Decimal(int(total)),
+                amount=to_decimal(total, minor),
                 covered_hours=int(covered), hours_in_month=int((end - start) / timedelta(hours=1)),
             ))
     return out
@@ -343,8 +344,7 @@ def _top_tenants(engine: Engine, period: str, limit: int) -> list[tuple[str, int
             .where(inv.c.period == period)
             .order_by((inv.c.standard_units + inv.c.micro_units).desc(), t.c.key)
             .limit(limit)).all()
-    return [(key, int(units), Decimal(int(total)).scaleb(-int(minor)) if minor
-             else Decimal(int(total))) for key, units, total, minor in rows]
+    return [(key, int(units), to_decimal(total, minor)) for key, units, total, minor in rows]
 
 
 def malformed_total(engine: Engine) -> int:

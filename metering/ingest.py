@@ -324,6 +324,20 @@ def _by_leading_key(
             )
 
 
+def _write_full_batches(writer: _Writer, records: Iterable[Record],
+                        batch_size: int) -> list[Record]:
+    """Stream ``records`` into ``writer`` ``batch_size`` at a time, counting them; returns the
+    last, partial batch for the caller to write (or to drop, when the input is rejected)."""
+    batch: list[Record] = []
+    for rec in records:
+        writer.summary.records += 1
+        batch.append(rec)
+        if len(batch) >= batch_size:
+            writer.write(batch)
+            batch = []
+    return batch
+
+
 def _lock(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": INGEST_LOCK_KEY})
@@ -352,14 +366,7 @@ class UsageRecorder:
         with self.engine.begin() as conn:
             _lock(conn)
             writer = _Writer(conn, summary)
-            batch: list[Record] = []
-            for rec in records:
-                summary.records += 1
-                batch.append(rec)
-                if len(batch) >= self.batch_size:
-                    writer.write(batch)
-                    batch = []
-            writer.write(batch)
+            writer.write(_write_full_batches(writer, records, self.batch_size))
         return summary
 
     def post_host_metrics(
@@ -412,13 +419,7 @@ def ingest_lines(
     with engine.begin() as conn:
         _lock(conn)
         writer = _Writer(conn, summary)
-        batch: list[Record] = []
-        for rec in good_records():
-            summary.records += 1
-            batch.append(rec)
-            if len(batch) >= batch_size:
-                writer.write(batch)
-                batch = []
+        batch = _write_full_batches(writer, good_records(), batch_size)
         if summary.rejected and not skip_invalid:
             raise InvalidBatch(
                 f"{summary.rejected} invalid record(s); nothing was written "
