@@ -37,6 +37,7 @@ from jobs.metricdata import DashboardData, JobStatus, MetricPoint, MonthBilling,
 from jobs.models import job_metrics, log_checkpoints, log_runs
 from metering import models as m
 from metering.db import insert_ignore, reading, upsert
+from metering.report import coverage
 from metering.timeutil import month_bounds
 
 __all__ = [
@@ -300,11 +301,18 @@ def job_statuses(engine: Engine) -> list[JobStatus]:
     return out
 
 
+def _live_revisions() -> sa.Subquery:
+    """(tenant_id, period, rev): each invoice's current revision (the latest that is not void)."""
+    inv = bm.invoices
+    return (sa.select(inv.c.tenant_id, inv.c.period, sa.func.max(inv.c.revision).label("rev"))
+            .where(inv.c.status != "void").group_by(inv.c.tenant_id, inv.c.period)
+            .subquery("live"))
+
+
 def months(engine: Engine, zone: Any, *, limit: int = 12) -> list[MonthBilling]:
     """Billed totals of the latest revision of every invoice, and snapshot coverage, per month."""
     inv = bm.invoices
-    live = (sa.select(inv.c.tenant_id, inv.c.period, sa.func.max(inv.c.revision).label("rev"))
-            .where(inv.c.status != "void").group_by(inv.c.tenant_id, inv.c.period).subquery())
+    live = _live_revisions()
     with reading(engine) as conn:
         rows = conn.execute(
             sa.select(inv.c.period, inv.c.currency, inv.c.minor_units, sa.func.count(),
@@ -317,9 +325,7 @@ def months(engine: Engine, zone: Any, *, limit: int = 12) -> list[MonthBilling]:
         out = []
         for period, currency, minor, n, std, micro, total in reversed(rows):
             start, end = month_bounds(period, zone)
-            sh = m.snapshot_hours
-            covered = conn.execute(sa.select(sa.func.count()).select_from(sh).where(
-                sh.c.hour >= start, sh.c.hour < end)).scalar_one()
+            covered = coverage(conn, start, end)
             out.append(MonthBilling(
                 period=period, currency=currency, invoices=int(n), standard_units=int(std),
                 micro_units=int(micro),
@@ -331,15 +337,13 @@ def months(engine: Engine, zone: Any, *, limit: int = 12) -> list[MonthBilling]:
 
 def _top_tenants(engine: Engine, period: str, limit: int) -> list[tuple[str, int, Decimal]]:
     inv, t = bm.invoices, m.tenants
-    live = (sa.select(inv.c.tenant_id, sa.func.max(inv.c.revision).label("rev"))
-            .where(inv.c.period == period, inv.c.status != "void")
-            .group_by(inv.c.tenant_id).subquery())
+    live = _live_revisions()
     with reading(engine) as conn:
         rows = conn.execute(
             sa.select(t.c.key, inv.c.standard_units + inv.c.micro_units, inv.c.total,
                       inv.c.minor_units)
             .join(live, sa.and_(live.c.tenant_id == inv.c.tenant_id,
-                                live.c.rev == inv.c.revision))
+                                live.c.period == inv.c.period, live.c.rev == inv.c.revision))
             .join(t, t.c.id == inv.c.tenant_id)
             .where(inv.c.period == period)
             .order_by((inv.c.standard_units + inv.c.micro_units).desc(), t.c.key)
