@@ -1,7 +1,9 @@
 """``aggregate-job-logs`` (every 5 minutes): job logs → job metrics → exports.
 
-Reads the JSON logs under ``HOSTMETER_LOG_DIR`` from their checkpoints (see
-:mod:`jobs.logmetrics`), then exports: to Mackerel when ``MACKEREL_API_KEY`` is set, and to the
+Reads the job logs from their checkpoints (see :mod:`jobs.logmetrics`): the JSON log files given
+with ``--logs``, and the CloudWatch Logs groups given with ``--log-group`` or
+``HOSTMETER_LOG_GROUPS`` (see :mod:`jobs.cloudwatch`); when neither is given, the files under
+``HOSTMETER_LOG_DIR``. Then it exports: to Mackerel when ``MACKEREL_API_KEY`` is set, and to the
 Prometheus textfile when ``HOSTMETER_PROMETHEUS_TEXTFILE`` is set. An export that fails fails
 the run (exit 1) after the metrics are stored; its checkpoint keeps what was not delivered.
 """
@@ -14,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jobs.cloudwatch import log_groups_from_env
 from jobs.exports import MackerelSettings, export_mackerel, write_prometheus
 from jobs.logmetrics import aggregate
 from jobs.runtime import JobContext
@@ -22,13 +25,17 @@ __all__ = ["run"]
 
 
 def run(ctx: JobContext, logical_time: datetime, *, logs: Sequence[str] = (),
-        exports: Sequence[str] | None = None) -> dict[str, Any]:
-    paths = [Path(p) for p in logs] or [Path(ctx.settings.log_dir)]
+        log_groups: Sequence[str] | None = None, exports: Sequence[str] | None = None,
+        logs_client: Any = None) -> dict[str, Any]:
+    groups = list(log_groups) if log_groups is not None else log_groups_from_env(os.environ)
+    paths = [Path(p) for p in logs] or ([] if groups else [Path(ctx.settings.log_dir)])
     now = ctx.clock()
-    result = aggregate(ctx.engine, paths, now=now)
+    result = aggregate(ctx.engine, paths, now=now, log_groups=groups, logs_client=logs_client)
     counts: dict[str, Any] = {"files": result.files, "lines": result.lines,
                               "runs": result.runs, "malformed_lines": result.malformed,
                               "metrics": result.metrics}
+    if groups:
+        counts.update(log_groups=result.log_groups, log_events=result.log_events)
     textfile = os.environ.get("HOSTMETER_PROMETHEUS_TEXTFILE")
     mackerel = MackerelSettings.from_env()
     wanted = list(exports) if exports is not None else (

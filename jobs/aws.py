@@ -48,7 +48,17 @@ What the handler returns and raises:
 Environment (besides :mod:`metering.settings`): ``HOSTMETER_LOCK_WAIT_S`` (default 60) — how long a
 delivery waits for a concurrent run of the same key before recording ``skipped``; keep it well
 under the function timeout. ``HOSTMETER_LOG_DIR=""`` means no log file (stderr, i.e. CloudWatch,
-only); an unwritable log directory also degrades to stderr only.
+only); an unwritable log directory also degrades to stderr only. ``HOSTMETER_LOG_GROUPS`` makes
+``aggregate-job-logs`` read CloudWatch Logs (:mod:`jobs.cloudwatch`).
+
+**Secrets.** Lambda environment variables cannot reference Secrets Manager or SSM SecureString
+values, so the handler fetches them itself, at the start of every invocation (a rotated secret
+is picked up by the next run, without a deployment): for each setting of
+:data:`SECRET_SETTINGS`, ``<SETTING>_SECRET_ARN`` names a Secrets Manager secret whose
+``SecretString`` is the value, or ``<SETTING>_SSM_PARAMETER`` an SSM parameter (decrypted).
+A reference wins over a value given directly; giving both kinds of reference is an error. A
+secret that cannot be fetched fails the invocation (:class:`~jobs.errors.AwsError`, one line,
+never the value) before the database is touched. Values are never logged.
 
 Across warm invocations the engine is cached per database URL and the schema is checked once per
 engine.
@@ -57,7 +67,7 @@ engine.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -65,14 +75,15 @@ from sqlalchemy.engine import Engine
 
 from jobs import registry
 from jobs._logging import configure_logging
-from jobs.errors import BadTrigger, JobFailed
+from jobs.errors import AwsError, BadTrigger, JobFailed
 from jobs.runner import RunOutcome, RunRequest, Shard, execute, parse_shard
 from metering.db import create_engine, ensure_schema
 from metering.errors import ConfigError, InvalidWindow
 from metering.settings import Settings
 from metering.timeutil import parse_instant, parse_period
 
-__all__ = ["DEFAULT_LOCK_WAIT_S", "TRIGGER", "handler", "parse_event"]
+__all__ = ["DEFAULT_LOCK_WAIT_S", "SECRET_SETTINGS", "TRIGGER", "handler", "parse_event",
+           "resolve_secrets"]
 
 TRIGGER = "schedule"
 DEFAULT_LOCK_WAIT_S = 60.0
@@ -82,8 +93,12 @@ _SCHEDULER_KEYS = _JOB_KEYS | {"scheduled_time"}
 
 log = structlog.get_logger("hostmeter.aws")
 
+#: the settings the handler may fetch from Secrets Manager or SSM (see the module docstring)
+SECRET_SETTINGS = ("HOSTMETER_DATABASE_URL", "MACKEREL_API_KEY")
+
 _ENGINES: dict[str, Engine] = {}
 _LOGGING: dict[str, str | None] = {}
+_CLIENTS: dict[str, Any] = {}
 
 
 def _bad(message: str, **context: Any) -> BadTrigger:
@@ -161,8 +176,7 @@ def parse_event(event: Mapping[str, Any]) -> RunRequest:
 def handler(event: Any, context: Any = None) -> dict[str, Any]:
     """The Lambda handler: run the job ``event`` names for its scheduled time (see the module
     docstring). Returns the run's summary; raises on a bad event or a failed/partial run."""
-    settings = Settings.from_env()
-    _configure_logging(settings)
+    _configure_logging(Settings.from_env())
     request_id = getattr(context, "aws_request_id", None)
     with structlog.contextvars.bound_contextvars(aws_request_id=request_id):
         try:
@@ -170,6 +184,12 @@ def handler(event: Any, context: Any = None) -> dict[str, Any]:
         except Exception as exc:
             log.error("trigger_rejected", error=f"{type(exc).__name__}: {exc}")
             raise
+        try:
+            resolve_secrets(os.environ)
+        except Exception as exc:
+            log.error("secrets_unavailable", error=f"{type(exc).__name__}: {exc}")
+            raise
+        settings = Settings.from_env()
         engine = _engine(settings.database_url)
         outcome = execute(engine, settings, req, wait_s=_lock_wait_s())
         summary = outcome.as_dict()
@@ -178,6 +198,56 @@ def handler(event: Any, context: Any = None) -> dict[str, Any]:
             raise JobFailed(_failure_message(outcome), job=outcome.job, status=outcome.status,
                             run_id=outcome.run_id, summary=summary) from outcome.exception
         return summary
+
+
+def _aws_client(service: str) -> Any:
+    """A boto3 client for ``service``, made once per process (region from AWS_REGION)."""
+    client = _CLIENTS.get(service)
+    if client is None:
+        try:
+            import boto3
+        except ImportError:
+            raise AwsError(f"fetching secrets from {service} needs boto3: "
+                           "pip install 'hostmeter[aws]'") from None
+        client = _CLIENTS[service] = boto3.client(service)
+    return client
+
+
+def _fetch(client: Any, service: str, ref: str, setting: str) -> str:
+    try:
+        if service == "secretsmanager":
+            value = client.get_secret_value(SecretId=ref).get("SecretString")
+        else:
+            value = client.get_parameter(Name=ref, WithDecryption=True)["Parameter"]["Value"]
+    except Exception as exc:  # botocore ClientError, EndpointConnectionError, ...
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise AwsError(f"{setting}: cannot read {ref} from {service}: {why}",
+                       setting=setting) from None
+    if not isinstance(value, str) or not value:
+        raise AwsError(f"{setting}: {ref} in {service} has no string value", setting=setting)
+    return value
+
+
+def resolve_secrets(environ: MutableMapping[str, str],
+                    client: Callable[[str], Any] = _aws_client) -> list[str]:
+    """Set each of :data:`SECRET_SETTINGS` in ``environ`` from its ``_SECRET_ARN`` or
+    ``_SSM_PARAMETER`` reference; returns the names set. ``client(service)`` gives a boto3-like
+    client for ``"secretsmanager"`` or ``"ssm"``."""
+    done = []
+    for setting in SECRET_SETTINGS:
+        arn = environ.get(f"{setting}_SECRET_ARN", "").strip()
+        parameter = environ.get(f"{setting}_SSM_PARAMETER", "").strip()
+        if arn and parameter:
+            raise ConfigError(f"set {setting}_SECRET_ARN or {setting}_SSM_PARAMETER, not both",
+                              setting=setting)
+        if arn:
+            environ[setting] = _fetch(client("secretsmanager"), "secretsmanager", arn, setting)
+        elif parameter:
+            environ[setting] = _fetch(client("ssm"), "ssm", parameter, setting)
+        else:
+            continue
+        done.append(setting)
+    return done
 
 
 def _failure_message(outcome: RunOutcome) -> str:
@@ -217,9 +287,12 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _engine(url: str) -> Engine:
-    """The cached engine for ``url``, its schema checked once (on first use)."""
+    """The cached engine for ``url``, its schema checked once (on first use). A new URL (a
+    rotated secret) disposes the engines of the old ones."""
     engine = _ENGINES.get(url)
     if engine is None:
+        while _ENGINES:
+            _ENGINES.popitem()[1].dispose()
         engine = create_engine(url)
         try:
             ensure_schema(engine)
@@ -235,3 +308,4 @@ def _reset_for_tests() -> None:
     while _ENGINES:
         _ENGINES.popitem()[1].dispose()
     _LOGGING.clear()
+    _CLIENTS.clear()

@@ -7,14 +7,16 @@ The tree::
     ├── BadTrigger       a trigger (shard, event payload, option) is malformed
     ├── JobFailed        a run ended failed or partial (carries ``status`` and ``run_id``)
     ├── InvalidSchedule  a registry schedule expression cannot be parsed (jobs.scheduler)
-    └── MackerelError    the Mackerel API refused or could not be reached (jobs.mackerel)
+    ├── MackerelError    the Mackerel API refused or could not be reached (jobs.mackerel)
+    └── AwsError         an AWS API (CloudWatch Logs, SSM, Secrets Manager) refused, could
+                         not be reached, or boto3 is missing (jobs.cloudwatch, jobs.aws)
 """
 
 from __future__ import annotations
 
 from metering.errors import ContextError
 
-__all__ = ["BadTrigger", "JobError", "JobFailed", "UnknownJob"]
+__all__ = ["AwsError", "BadTrigger", "JobError", "JobFailed", "UnknownJob"]
 
 
 class JobError(ContextError):
@@ -31,3 +33,7 @@ class BadTrigger(JobError):
 
 class JobFailed(JobError):
     """A run ended ``failed`` or ``partial``."""
+
+
+class AwsError(JobError):
+    """An AWS API refused or could not be reached, or boto3 is not installed."""

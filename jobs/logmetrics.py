@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -48,6 +48,7 @@ __all__ = [
     "job_statuses",
     "log_files",
     "months",
+    "parse_lines",
     "read_points",
 ]
 
@@ -77,6 +78,8 @@ class AggregateResult:
 
     files: int
     lines: int
+    log_groups: int = 0
+    log_events: int = 0
     runs: int
     malformed: int
     metrics: int
@@ -131,25 +134,13 @@ def _run_row(event: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _read_new_lines(conn: Connection, path: Path, now: datetime) -> tuple[list[dict[str, Any]],
-                                                                          int, int]:
-    """New complete lines of ``path`` since its checkpoint → (runs, lines, malformed)."""
-    st = path.stat()
-    key = str(path.resolve())
-    cp = conn.execute(sa.select(log_checkpoints).where(log_checkpoints.c.path == key)
-                      ).mappings().one_or_none()
-    head = _head(path)
-    offset = 0
-    if cp is not None and (cp["device"], cp["inode"], cp["head"]) == (st.st_dev, st.st_ino,
-                                                                     head):
-        offset = cp["offset"] if cp["offset"] <= st.st_size else 0  # shrank: truncated
+def parse_lines(raw_lines: Iterable[bytes | str]) -> tuple[list[dict[str, Any]], int, int]:
+    """JSON log lines → (``log_runs`` rows of the ``job_finished`` events, lines, malformed).
+
+    Blank lines are not counted; a line that is not a JSON object is counted as malformed."""
     runs: list[dict[str, Any]] = []
     lines = malformed = 0
-    with path.open("rb") as f:
-        f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1  # leave an unfinished last line for the next pass
-    for raw in data[:end].splitlines():
+    for raw in raw_lines:
         if not raw.strip():
             continue
         lines += 1
@@ -164,6 +155,26 @@ def _read_new_lines(conn: Connection, path: Path, now: datetime) -> tuple[list[d
         row = _run_row(event)
         if row is not None:
             runs.append(row)
+    return runs, lines, malformed
+
+
+def _read_new_lines(conn: Connection, path: Path, now: datetime) -> tuple[list[dict[str, Any]],
+                                                                          int, int]:
+    """New complete lines of ``path`` since its checkpoint → (runs, lines, malformed)."""
+    st = path.stat()
+    key = str(path.resolve())
+    cp = conn.execute(sa.select(log_checkpoints).where(log_checkpoints.c.path == key)
+                      ).mappings().one_or_none()
+    head = _head(path)
+    offset = 0
+    if cp is not None and (cp["device"], cp["inode"], cp["head"]) == (st.st_dev, st.st_ino,
+                                                                     head):
+        offset = cp["offset"] if cp["offset"] <= st.st_size else 0  # shrank: truncated
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1  # leave an unfinished last line for the next pass
+    runs, lines, malformed = parse_lines(data[:end].splitlines())
     upsert(conn, log_checkpoints, [{
         "path": key, "device": st.st_dev, "inode": st.st_ino, "head": head,
         "offset": offset + end,
@@ -208,10 +219,19 @@ def _recompute(conn: Connection) -> int:
     return len(metrics)
 
 
-def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime) -> AggregateResult:
-    """Read what is new in ``paths`` and refresh the stored metrics (one transaction)."""
+def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
+              log_groups: Sequence[str] = (), logs_client: Any = None) -> AggregateResult:
+    """Read what is new in ``paths`` (files) and ``log_groups`` (CloudWatch Logs, see
+    :mod:`jobs.cloudwatch`; ``logs_client`` defaults to boto3's) and refresh the stored
+    metrics. The log groups are fetched first; everything is stored in one transaction."""
+    from jobs import cloudwatch  # it imports this module: imported here, not at the top
+
+    batches = []
+    if log_groups:
+        client = logs_client if logs_client is not None else cloudwatch.logs_client()
+        batches = [cloudwatch.read_log_group(engine, client, g, now=now) for g in log_groups]
     files = [f for p in paths for f in log_files(p)]
-    total_lines = total_runs = total_malformed = 0
+    total_lines = total_runs = total_malformed = events = 0
     with engine.begin() as conn:
         for path in files:
             try:
@@ -222,6 +242,13 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime) -> Aggreg
             total_lines += lines
             total_malformed += malformed
             total_runs += insert_ignore(conn, log_runs, runs, key=["run_id"])
+        for batch in batches:
+            if not cloudwatch.apply_batch(conn, batch, now=now):
+                continue
+            events += batch.events
+            total_lines += batch.lines
+            total_malformed += batch.malformed
+            total_runs += insert_ignore(conn, log_runs, batch.runs, key=["run_id"])
         if total_malformed:
             bucket = _floor(now)
             old = conn.execute(sa.select(job_metrics.c.value).where(
@@ -231,10 +258,12 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime) -> Aggreg
                                         "status": "", "value": old + total_malformed}],
                    key=["name", "bucket", "job", "status"], update=["value"])
         stored = _recompute(conn)
-    log.info("job_logs_aggregated", files=len(files), lines=total_lines, runs=total_runs,
-             malformed=total_malformed, metrics=stored)
-    return AggregateResult(files=len(files), lines=total_lines, runs=total_runs,
-                           malformed=total_malformed, metrics=stored)
+    log.info("job_logs_aggregated", files=len(files), log_groups=len(batches),
+             log_events=events, lines=total_lines, runs=total_runs, malformed=total_malformed,
+             metrics=stored)
+    return AggregateResult(files=len(files), log_groups=len(batches), log_events=events,
+                           lines=total_lines, runs=total_runs, malformed=total_malformed,
+                           metrics=stored)
 
 
 # --- reading the store ---------------------------------------------------------------------

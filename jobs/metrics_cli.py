@@ -23,21 +23,30 @@ def metrics_group() -> None:
 
 @metrics_group.command("aggregate")
 @click.option("--logs", "logs", multiple=True, metavar="PATH",
-              help="A log file or directory (default HOSTMETER_LOG_DIR); repeatable.")
+              help="A log file or directory; repeatable. Default: HOSTMETER_LOG_DIR, unless "
+                   "log groups are given.")
+@click.option("--log-group", "log_groups", multiple=True, metavar="NAME",
+              help="A CloudWatch Logs group to read (needs boto3: pip install "
+                   "'hostmeter[aws]'); repeatable. Default: HOSTMETER_LOG_GROUPS "
+                   "(comma-separated).")
 @click.option("--export", "exports", multiple=True,
               type=click.Choice(["mackerel", "prometheus"]),
               help="Also export: mackerel (needs MACKEREL_API_KEY) or prometheus (textfile "
                    "HOSTMETER_PROMETHEUS_TEXTFILE, default <log dir>/hostmeter.prom).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def aggregate_cmd(logs: tuple[str, ...], exports: tuple[str, ...], fmt: str) -> None:
-    """Read new job-log lines (checkpointed: reading again adds nothing) into metrics."""
+def aggregate_cmd(logs: tuple[str, ...], log_groups: tuple[str, ...], exports: tuple[str, ...],
+                  fmt: str) -> None:
+    """Read new job-log lines (checkpointed: reading again adds nothing) into metrics.
+
+    The lines come from JSON log files, or from CloudWatch Logs groups (where ECS and Lambda
+    put the jobs' stderr on AWS), each read from its own checkpoint."""
     for path in logs:
         if not Path(path).exists():
             fail(f"--logs {path}: no such file or directory", EXIT_BAD_INPUT)
     state = current_state()
     ctx = JobContext(engine=state.engine(), settings=state.settings)
     result = run_job("aggregate-job-logs", aggregate_job_logs.run, ctx, datetime.now(UTC),
-                     logs=logs, exports=list(exports))
+                     logs=logs, log_groups=list(log_groups) or None, exports=list(exports))
     if fmt == "json":
         click.echo(json.dumps({"status": result.status, **result.counts,
                                "error": result.error}, default=str))

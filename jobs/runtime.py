@@ -106,7 +106,7 @@ def run_job(
     )
 
 
-_NOT_LOGGED = frozenset({"outcomes"})  # result sinks handed in by callers, not options
+_NOT_LOGGED = frozenset({"outcomes", "logs_client"})  # handed in by callers, not options
 
 
 def _show(value: Any) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs import aws
+from jobs import aws, cloudwatch
 from jobs.cli import run_cmd
 from jobs.registry import JOBS
 
@@ -312,16 +313,68 @@ def test_lambda_function_runs_jobs_aws_handler_from_the_s3_package() -> None:
     assert props["Timeout"] > aws.DEFAULT_LOCK_WAIT_S
     env = props["Environment"]["Variables"]
     assert env["HOSTMETER_BILLING_TZ"] == "Asia/Tokyo"
-    assert env["HOSTMETER_LOG_DIR"].startswith("/tmp/")
+    assert env["HOSTMETER_LOG_DIR"] == ""  # no log file: stderr, i.e. the function's log group
     assert env["HOSTMETER_MACKEREL_SERVICE"] == {"Ref": "MackerelService"}
-    # a dynamic reference, resolved by CloudFormation: never a plain parameter value
-    assert env["HOSTMETER_DATABASE_URL"] == {
-        "Fn::Sub": "{{resolve:secretsmanager:${DatabaseUrlSecretArn}:SecretString}}"}
     assert props["LoggingConfig"]["LogGroup"] == {"Ref": "LambdaLogGroup"}
     (_, invoke_config) = _only("AWS::Lambda::EventInvokeConfig")
     assert invoke_config["Properties"]["FunctionName"] == {"Ref": name}
     assert invoke_config["Properties"]["DestinationConfig"] == {
         "OnFailure": {"Destination": DLQ_ARN}}
+
+
+def _resolve(value: Any, params: Mapping[str, str], stack: str) -> str:
+    """The few intrinsic functions the function's environment uses, as a deployment would."""
+    def ref(name: str) -> str:
+        if name in params:
+            return params[name]
+        res = _template()["Resources"][name]
+        assert res["Type"] == "AWS::Logs::LogGroup", name  # Ref of a log group: its name
+        return _resolve(res["Properties"]["LogGroupName"], params, stack)
+
+    if isinstance(value, str):
+        return value
+    ((fn, arg),) = value.items()
+    if fn == "Ref":
+        return ref(arg)
+    if fn == "Fn::Sub":
+        assert isinstance(arg, str)
+        return re.sub(r"\$\{([^}]+)\}",
+                      lambda m: stack if m[1] == "AWS::StackName" else ref(m[1]), arg)
+    raise AssertionError(f"{fn} is not understood by this test")
+
+
+def test_the_lambda_environment_names_its_secrets_and_log_groups_as_the_handler_reads_them(
+) -> None:
+    """Deployed with real parameter values, the environment makes jobs.aws fetch the database
+    URL from the secret and the key from the parameter, and jobs.cloudwatch read both groups;
+    no secret value (or deploy-time dynamic reference) is in the function configuration."""
+    secret_arn = "arn:aws:secretsmanager:ap-northeast-1:123456789012:secret:hostmeter/db-AbC"
+    params = _parameters(DatabaseUrlSecretArn=secret_arn,
+                         MackerelApiKeyParameterName="/hostmeter/mackerel-api-key")
+    (_, function) = _only("AWS::Lambda::Function")
+    env = {k: _resolve(v, params, "prod")
+           for k, v in function["Properties"]["Environment"]["Variables"].items()}
+    assert not any("{{resolve:" in v for v in env.values())
+
+    class Stores:
+        def client(self, service: str) -> Stores:
+            self.service = service
+            return self
+
+        def get_secret_value(self, SecretId: str) -> dict[str, str]:
+            assert (self.service, SecretId) == ("secretsmanager", secret_arn)
+            return {"SecretString": "postgresql+psycopg://hostmeter:pw@db/hostmeter"}
+
+        def get_parameter(self, Name: str, WithDecryption: bool) -> dict[str, Any]:
+            assert (self.service, Name, WithDecryption) == (
+                "ssm", "/hostmeter/mackerel-api-key", True)
+            return {"Parameter": {"Value": "mkr-key"}}
+
+    assert aws.resolve_secrets(env, Stores().client) == list(aws.SECRET_SETTINGS)
+    assert env["HOSTMETER_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert env["MACKEREL_API_KEY"] == "mkr-key"
+    assert cloudwatch.log_groups_from_env(env) == ["/hostmeter/prod/jobs",
+                                                   "/hostmeter/prod/lambda"]
 
 
 def test_log_groups_keep_logs_for_the_retention_parameter() -> None:
@@ -497,8 +550,9 @@ def test_task_execution_role_pulls_the_image_writes_its_log_reads_its_two_secret
     }
 
 
-def test_kms_decrypt_is_granted_only_when_a_customer_key_is_given() -> None:
-    (policy,) = _resources("AWS::IAM::Role")["TaskExecutionRole"]["Properties"]["Policies"]
+@pytest.mark.parametrize("role", ["TaskExecutionRole", "LambdaRole"])
+def test_kms_decrypt_is_granted_only_when_a_customer_key_is_given(role: str) -> None:
+    (policy,) = _resources("AWS::IAM::Role")[role]["Properties"]["Policies"]
     conditional = [s for s in policy["PolicyDocument"]["Statement"] if "Fn::If" in s]
     assert [s["Fn::If"][0] for s in conditional] == ["HasKmsKey"]
     assert conditional[0]["Fn::If"][1]["Action"] == "kms:Decrypt"
@@ -512,12 +566,21 @@ def test_task_role_grants_nothing() -> None:
     assert _grants("TaskRole") == set()
 
 
-def test_lambda_role_writes_its_log_dead_letters_and_manages_its_vpc_interfaces() -> None:
+def test_lambda_role_writes_its_log_reads_the_job_logs_and_its_two_secrets() -> None:
     log_group = {"Fn::GetAtt": ["LambdaLogGroup", "Arn"]}
     enis = {"Fn::Sub": "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:*/*"}
+    kms_via = {"StringEquals": {"kms:ViaService": [
+        {"Fn::Sub": "ssm.${AWS::Region}.amazonaws.com"},
+        {"Fn::Sub": "secretsmanager.${AWS::Region}.amazonaws.com"},
+    ]}}
     assert _grants("LambdaRole") == {
         _grant("logs:CreateLogStream", log_group),
         _grant("logs:PutLogEvents", log_group),
+        _grant("logs:FilterLogEvents", log_group),
+        _grant("logs:FilterLogEvents", {"Fn::GetAtt": ["TaskLogGroup", "Arn"]}),
+        _grant("secretsmanager:GetSecretValue", {"Ref": "DatabaseUrlSecretArn"}),
+        _grant("ssm:GetParameter", SSM_PARAMETER_ARN),
+        _grant("kms:Decrypt", {"Ref": "SecretsKmsKeyArn"}, kms_via),
         _grant("sqs:SendMessage", DLQ_ARN),
         _grant("ec2:DescribeNetworkInterfaces", "*"),
         _grant("ec2:DescribeSubnets", "*"),
