@@ -21,9 +21,10 @@ window keeps the malformed-line counter exact too.
 into a function's log group; they are skipped, not counted as malformed. Anything else that is
 not a JSON object (a traceback, say) is counted as malformed.
 
-**Reading outside the write.** The events are fetched before the database transaction, and the
-checkpoint is compared again inside it: if another pass moved it meanwhile, this batch is
-dropped (the other pass stored the same events).
+**Reading outside the write.** This module only fetches: :func:`jobs.logmetrics.aggregate`
+reads the checkpoints, fetches every group before its database transaction, and inside it
+compares each checkpoint again (:func:`jobs.logmetrics.store_log_group`): if another pass moved
+it meanwhile, that batch is dropped (the other pass stored the same events).
 
 boto3 is an optional dependency (``pip install 'hostmeter[aws]'``; the Lambda runtime has it).
 The client is injectable: anything with ``filter_log_events(**kwargs) -> dict``. The endpoint
@@ -37,21 +38,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-import sqlalchemy as sa
-import structlog
-from sqlalchemy.engine import Connection, Engine
-
 from jobs.errors import AwsError
-from jobs.logmetrics import parse_lines
-from jobs.models import log_checkpoints
-from metering.db import reading, upsert
 
 __all__ = [
+    "CHECKPOINT_HEAD",
     "LOOKBACK",
     "SETTLE",
     "LogGroupBatch",
     "LogsClient",
-    "apply_batch",
     "checkpoint_key",
     "log_groups_from_env",
     "logs_client",
@@ -62,12 +56,12 @@ __all__ = [
 SETTLE = timedelta(minutes=2)
 #: how far before its ingestion an event may be stamped and still be read
 LOOKBACK = timedelta(hours=1)
+#: the ``head`` of a log group's checkpoint row (a file's is a hash of its first line)
+CHECKPOINT_HEAD = "cloudwatch-logs"
 _PREFIX = "cloudwatch-logs:"
-_HEAD = "cloudwatch-logs"
 #: the lines Lambda itself writes into a function's log group (Text format)
 _PLATFORM = ("START RequestId:", "END RequestId:", "REPORT RequestId:", "INIT_START ",
              "INIT_REPORT ", "INIT_RUNTIME_DONE", "EXTENSION\t", "TELEMETRY\t", "RESTORE_")
-log = structlog.get_logger("hostmeter.metrics")
 
 
 class LogsClient(Protocol):
@@ -76,14 +70,12 @@ class LogsClient(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LogGroupBatch:
-    """What one pass read from one log group (not yet stored)."""
+    """What one pass fetched from one log group (not yet parsed or stored)."""
 
     group: str
     since: int | None  # the checkpoint it was read from (ms since the epoch), None: first pass
     until: int  # the checkpoint it moves to
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    lines: int = 0
-    malformed: int = 0
+    messages: list[str] = field(default_factory=list)  # Lambda's own lines left out
     events: int = 0
 
 
@@ -119,12 +111,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
-def _checkpoint(conn: Connection, group: str) -> int | None:
-    value = conn.execute(sa.select(log_checkpoints.c.offset).where(
-        log_checkpoints.c.path == checkpoint_key(group))).scalar_one_or_none()
-    return None if value is None else int(value)
-
-
 def _events(client: LogsClient, group: str, request: dict[str, Any]
             ) -> Iterator[Mapping[str, Any]]:
     token: str | None = None
@@ -146,17 +132,16 @@ def _events(client: LogsClient, group: str, request: dict[str, Any]
         token = next_token
 
 
-def read_log_group(engine: Engine, client: LogsClient, group: str, *, now: datetime
+def read_log_group(client: LogsClient, group: str, *, since: int | None, now: datetime
                    ) -> LogGroupBatch:
-    """The events of ``group`` ingested since its checkpoint, parsed (nothing is written)."""
-    with reading(engine) as conn:
-        since = _checkpoint(conn, group)
+    """The messages of ``group`` ingested after ``since`` (its checkpoint, ms since the epoch;
+    None: everything it retains) and at most ``SETTLE`` before ``now``."""
     horizon = _ms(now - SETTLE)
     if since is not None and since >= horizon:
         return LogGroupBatch(group=group, since=since, until=since)
     request: dict[str, Any] = {"logGroupName": group}
     if since is not None:
-        request["startTime"] = max(0, since - _ms_delta(LOOKBACK))
+        request["startTime"] = max(0, since - int(LOOKBACK.total_seconds() * 1000))
     messages: list[str] = []
     events = 0
     for event in _events(client, group, request):
@@ -166,32 +151,7 @@ def read_log_group(engine: Engine, client: LogsClient, group: str, *, now: datet
             continue
         events += 1
         message = str(event.get("message") or "").rstrip("\r\n")
-        if message.startswith(_PLATFORM):
-            continue
-        messages.append(message)
-    runs, lines, malformed = parse_lines(messages)
-    return LogGroupBatch(group=group, since=since, until=horizon, runs=runs, lines=lines,
-                         malformed=malformed, events=events)
-
-
-def _ms_delta(delta: timedelta) -> int:
-    return int(delta.total_seconds() * 1000)
-
-
-def apply_batch(conn: Connection, batch: LogGroupBatch, *, now: datetime) -> bool:
-    """Move the group's checkpoint (inside the caller's transaction). False, and nothing
-    written, when another pass moved it since the batch was read: its events are stored."""
-    key = checkpoint_key(batch.group)
-    current = conn.execute(sa.select(log_checkpoints).where(log_checkpoints.c.path == key)
-                           ).mappings().one_or_none()
-    if (None if current is None else int(current["offset"])) != batch.since:
-        log.warning("log_group_read_concurrently", log_group=batch.group,
-                    read_from=batch.since, now_at=current["offset"] if current else None)
-        return False
-    upsert(conn, log_checkpoints, [{
-        "path": key, "device": 0, "inode": 0, "head": _HEAD, "offset": batch.until,
-        "malformed": (int(current["malformed"]) if current is not None else 0)
-        + batch.malformed,
-        "updated_at": now,
-    }], key=["path"], update=["device", "inode", "head", "offset", "malformed", "updated_at"])
-    return True
+        if not message.startswith(_PLATFORM):
+            messages.append(message)
+    return LogGroupBatch(group=group, since=since, until=horizon, messages=messages,
+                         events=events)

@@ -33,6 +33,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from billing import models as bm
 from billing.rules import to_decimal
+from jobs.cloudwatch import CHECKPOINT_HEAD, LogGroupBatch, checkpoint_key, read_log_group
+from jobs.cloudwatch import logs_client as cloudwatch_client
 from jobs.metricdata import DashboardData, JobStatus, MetricPoint, MonthBilling, RunFact
 from jobs.models import job_metrics, log_checkpoints, log_runs
 from metering import models as m
@@ -50,6 +52,7 @@ __all__ = [
     "months",
     "parse_lines",
     "read_points",
+    "store_log_group",
 ]
 
 BUCKET = timedelta(minutes=5)
@@ -158,13 +161,27 @@ def parse_lines(raw_lines: Iterable[bytes | str]) -> tuple[list[dict[str, Any]],
     return runs, lines, malformed
 
 
+def _checkpoint(conn: Connection, key: str) -> Any:
+    return conn.execute(sa.select(log_checkpoints).where(log_checkpoints.c.path == key)
+                        ).mappings().one_or_none()
+
+
+def _save_checkpoint(conn: Connection, key: str, previous: Any, *, device: int, inode: int,
+                     head: str, offset: int, malformed: int, now: datetime) -> None:
+    """Move ``key``'s checkpoint to ``offset``, adding ``malformed`` to its running count."""
+    upsert(conn, log_checkpoints, [{
+        "path": key, "device": device, "inode": inode, "head": head, "offset": offset,
+        "malformed": (previous["malformed"] if previous is not None else 0) + malformed,
+        "updated_at": now,
+    }], key=["path"], update=["device", "inode", "head", "offset", "malformed", "updated_at"])
+
+
 def _read_new_lines(conn: Connection, path: Path, now: datetime) -> tuple[list[dict[str, Any]],
                                                                           int, int]:
     """New complete lines of ``path`` since its checkpoint → (runs, lines, malformed)."""
     st = path.stat()
     key = str(path.resolve())
-    cp = conn.execute(sa.select(log_checkpoints).where(log_checkpoints.c.path == key)
-                      ).mappings().one_or_none()
+    cp = _checkpoint(conn, key)
     head = _head(path)
     offset = 0
     if cp is not None and (cp["device"], cp["inode"], cp["head"]) == (st.st_dev, st.st_ino,
@@ -175,12 +192,25 @@ def _read_new_lines(conn: Connection, path: Path, now: datetime) -> tuple[list[d
         data = f.read()
     end = data.rfind(b"\n") + 1  # leave an unfinished last line for the next pass
     runs, lines, malformed = parse_lines(data[:end].splitlines())
-    upsert(conn, log_checkpoints, [{
-        "path": key, "device": st.st_dev, "inode": st.st_ino, "head": head,
-        "offset": offset + end,
-        "malformed": (cp["malformed"] if cp is not None else 0) + malformed,
-        "updated_at": now,
-    }], key=["path"], update=["device", "inode", "head", "offset", "malformed", "updated_at"])
+    _save_checkpoint(conn, key, cp, device=st.st_dev, inode=st.st_ino, head=head,
+                     offset=offset + end, malformed=malformed, now=now)
+    return runs, lines, malformed
+
+
+def store_log_group(conn: Connection, batch: LogGroupBatch, *, now: datetime
+                    ) -> tuple[list[dict[str, Any]], int, int] | None:
+    """Parse a fetched log-group batch and move its checkpoint → (runs, lines, malformed).
+    None, and nothing written, when another pass moved the checkpoint since the batch was
+    fetched: that pass stored the same events."""
+    key = checkpoint_key(batch.group)
+    cp = _checkpoint(conn, key)
+    if (None if cp is None else int(cp["offset"])) != batch.since:
+        log.warning("log_group_read_concurrently", log_group=batch.group,
+                    read_from=batch.since, now_at=cp["offset"] if cp is not None else None)
+        return None
+    runs, lines, malformed = parse_lines(batch.messages)
+    _save_checkpoint(conn, key, cp, device=0, inode=0, head=CHECKPOINT_HEAD,
+                     offset=batch.until, malformed=malformed, now=now)
     return runs, lines, malformed
 
 
@@ -224,12 +254,13 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
     """Read what is new in ``paths`` (files) and ``log_groups`` (CloudWatch Logs, see
     :mod:`jobs.cloudwatch`; ``logs_client`` defaults to boto3's) and refresh the stored
     metrics. The log groups are fetched first; everything is stored in one transaction."""
-    from jobs import cloudwatch  # it imports this module: imported here, not at the top
-
-    batches = []
+    batches: list[LogGroupBatch] = []
     if log_groups:
-        client = logs_client if logs_client is not None else cloudwatch.logs_client()
-        batches = [cloudwatch.read_log_group(engine, client, g, now=now) for g in log_groups]
+        client = logs_client if logs_client is not None else cloudwatch_client()
+        with reading(engine) as conn:
+            since = {g: _checkpoint(conn, checkpoint_key(g)) for g in log_groups}
+        batches = [read_log_group(client, g, since=None if since[g] is None
+                                  else int(since[g]["offset"]), now=now) for g in log_groups]
     files = [f for p in paths for f in log_files(p)]
     total_lines = total_runs = total_malformed = events = 0
     with engine.begin() as conn:
@@ -243,12 +274,14 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
             total_malformed += malformed
             total_runs += insert_ignore(conn, log_runs, runs, key=["run_id"])
         for batch in batches:
-            if not cloudwatch.apply_batch(conn, batch, now=now):
+            got = store_log_group(conn, batch, now=now)
+            if got is None:
                 continue
+            runs, lines, malformed = got
             events += batch.events
-            total_lines += batch.lines
-            total_malformed += batch.malformed
-            total_runs += insert_ignore(conn, log_runs, batch.runs, key=["run_id"])
+            total_lines += lines
+            total_malformed += malformed
+            total_runs += insert_ignore(conn, log_runs, runs, key=["run_id"])
         if total_malformed:
             bucket = _floor(now)
             old = conn.execute(sa.select(job_metrics.c.value).where(

@@ -158,10 +158,10 @@ def test_a_batch_read_while_another_pass_stored_it_is_dropped(engine: Engine) ->
     fake = FakeAws()
     put(fake, "not json", NOW - timedelta(minutes=9))
     put(fake, finished("a", NOW - timedelta(minutes=9)), NOW - timedelta(minutes=9))
-    stale = cloudwatch.read_log_group(engine, fake, GROUP, now=NOW)
+    stale = cloudwatch.read_log_group(fake, GROUP, since=None, now=NOW)
     lm.aggregate(engine, [], now=NOW, log_groups=[GROUP], logs_client=fake)  # the other pass
     with engine.begin() as conn:
-        assert cloudwatch.apply_batch(conn, stale, now=NOW) is False
+        assert lm.store_log_group(conn, stale, now=NOW) is None
     assert checkpoint(engine)["malformed"] == 1  # type: ignore[index]
 
 
