@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -69,13 +70,18 @@ def serve_cmd(port: int, host: str) -> None:
     engine = state.engine()
     server = serve(port, lambda: prometheus_registry(engine, state.settings.zone), host=host)
     click.echo(f"serving http://{host}:{port}/metrics; Ctrl-C to stop", err=True)
+    _until_interrupted(server.shutdown)
+
+
+def _until_interrupted(stop: Callable[[], object]) -> None:
+    """Block until Ctrl-C, then ``stop`` the server (also on any other way out)."""
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        server.shutdown()
+        stop()
 
 
 @click.command("dashboard")
@@ -101,13 +107,7 @@ def dashboard_command(out_path: Path, do_serve: bool, port: int) -> None:
     if do_serve:
         server, bound = serve(port, build)
         click.echo(f"serving http://127.0.0.1:{bound}/ ; Ctrl-C to stop", err=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.stop()
+        _until_interrupted(server.stop)
         return
     write(out_path, build())
     click.echo(f"wrote {out_path}")
