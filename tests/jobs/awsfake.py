@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+#: what boto3 needs to sign a request, and nothing from the developer's own AWS setup
+DUMMY_ENV = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret",
+             "AWS_DEFAULT_REGION": "ap-northeast-1", "AWS_MAX_ATTEMPTS": "1",
+             "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+
 
 class FakeAwsError(Exception):
     """What a fake call raises; shaped like botocore's ClientError (``.response``)."""

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from awsfake import FakeAws, serve
+from awsfake import DUMMY_ENV, FakeAws, serve
 
 from jobs import aws
 from jobs._logging import configure_logging
@@ -61,9 +61,7 @@ def lambda_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAws]:
     fake = FakeAws(parameters={PARAM: KEY})
     with serve(fake) as url:
         for name, value in {
-            "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret",
-            "AWS_DEFAULT_REGION": "ap-northeast-1", "AWS_MAX_ATTEMPTS": "1",
-            "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+            **DUMMY_ENV,
             "AWS_ENDPOINT_URL_SECRETS_MANAGER": url, "AWS_ENDPOINT_URL_SSM": url,
             "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": url, "MACKEREL_API_BASE": url,
             "HOSTMETER_DATABASE_URL_SECRET_ARN": ARN, "MACKEREL_API_KEY_SSM_PARAMETER": PARAM,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from awsfake import FakeAws, boto3_client, serve
+from awsfake import DUMMY_ENV, FakeAws, boto3_client, serve
 from sqlalchemy.engine import Engine
 
 from jobs import aggregate_job_logs, cloudwatch
@@ -182,10 +182,7 @@ def test_without_boto3_the_error_says_what_to_install(monkeypatch: pytest.Monkey
 
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret",
-                        "AWS_DEFAULT_REGION": "ap-northeast-1", "AWS_MAX_ATTEMPTS": "1",
-                        "AWS_CONFIG_FILE": "/nonexistent",
-                        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+    for name, value in DUMMY_ENV.items():
         monkeypatch.setenv(name, value)
 
 
