@@ -1,10 +1,10 @@
 """``aggregate-job-logs`` (every 5 minutes): job logs → job metrics → exports.
 
-Reads the job logs from their checkpoints (see :mod:`jobs.logmetrics`): the JSON log files given
-with ``--logs``, and the CloudWatch Logs groups given with ``--log-group`` or
-``HOSTMETER_LOG_GROUPS`` (see :mod:`jobs.cloudwatch`); when neither is given, the files under
-``HOSTMETER_LOG_DIR``. Then it exports: to Mackerel when ``MACKEREL_API_KEY`` is set, and to the
-Prometheus textfile when ``HOSTMETER_PROMETHEUS_TEXTFILE`` is set. An export that fails fails
+Reads the job logs from their checkpoints (see :mod:`jobs.monitoring.logmetrics`): the JSON log
+files given with ``--logs``, and the CloudWatch Logs groups given with ``--log-group`` or
+``HOSTMETER_LOG_GROUPS`` (see :mod:`jobs.monitoring.cloudwatch`); when neither is given, the files
+under ``HOSTMETER_LOG_DIR``. Then it exports: to Mackerel when ``MACKEREL_API_KEY`` is set, and to
+the Prometheus textfile when ``HOSTMETER_PROMETHEUS_TEXTFILE`` is set. An export that fails fails
 the run (exit 1) after the metrics are stored; its checkpoint keeps what was not delivered.
 """
 
@@ -16,10 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jobs.cloudwatch import log_groups_from_env
-from jobs.exports import MackerelSettings, export_mackerel, write_prometheus
-from jobs.logmetrics import aggregate
-from jobs.runtime import JobContext
+from jobs.monitoring.cloudwatch import log_groups_from_env
+from jobs.monitoring.exports import MackerelSettings, export_mackerel, write_prometheus
+from jobs.monitoring.logmetrics import aggregate
+from jobs.runtime.context import JobContext
 
 __all__ = ["run"]
 

@@ -18,7 +18,7 @@ from billing.service import (
     finalize_period,
     rerun_period,
 )
-from jobs.runtime import JobContext
+from jobs.runtime.context import JobContext
 from metering.timeutil import previous_period
 
 __all__ = ["actor", "close", "finalize", "period_for", "rerun"]
@@ -56,7 +56,8 @@ def _counts(outcome: BillingOutcome, sink: list[BillingOutcome] | None) -> dict[
 def close(ctx: JobContext, logical_time: datetime, *, period: str | None = None,
           tenants: tuple[str, ...] = (), dry_run: bool = False, shard: Any = None,
           outcomes: list[BillingOutcome] | None = None) -> dict[str, Any]:
-    """``shard`` (a :class:`jobs.runner.Shard`) limits the close to its share of tenants."""
+    """``shard`` (a :class:`jobs.triggers.runner.Shard`) limits the close to its share of
+    tenants."""
     req = _request(ctx, logical_time, period, tenants=tenants, dry_run=dry_run,
                    owns=shard.owns if shard is not None and shard.count > 1 else None)
     return _counts(close_period(ctx.engine, req), outcomes)

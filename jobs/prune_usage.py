@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from jobs.runtime import JobContext
+from jobs.runtime.context import JobContext
 from metering.retention import prune
 from metering.timeutil import month_bounds, period_of
 

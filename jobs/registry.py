@@ -13,7 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from jobs import aggregate_job_logs, billing_jobs, prune_usage, snapshot_usage
-from jobs.errors import UnknownJob
+from jobs.runtime.errors import UnknownJob
 from metering.timeutil import floor_hour, month_bounds, previous_period
 
 __all__ = ["JOBS", "JobSpec", "get"]

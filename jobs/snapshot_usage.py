@@ -16,7 +16,7 @@ import structlog
 
 from billing.catalog import catalog_for
 from billing.service import limits_for
-from jobs.runtime import JobContext
+from jobs.runtime.context import JobContext
 from metering.retention import frozen_hours
 from metering.snapshot import MetricLimits, snapshot_hours
 from metering.timeutil import HOUR, floor_hour, hours_between, period_of

@@ -12,7 +12,8 @@ import os
 from alembic import context
 
 import billing.models  # noqa: F401  (registers the billing tables on the metadata)
-import jobs.models  # noqa: F401  (registers the run ledger on the metadata)
+import jobs.monitoring.store
+import jobs.runtime.ledger  # noqa: F401  (registers the run ledger on the metadata)
 import metering.models  # noqa: F401  (registers the usage tables on the metadata)
 from metering.db import create_engine, metadata
 

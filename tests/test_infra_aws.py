@@ -3,7 +3,7 @@
 - drift: every job in ``jobs.registry.JOBS`` has exactly one EventBridge Scheduler schedule (one
   per shard of ``CloseShards`` for shardable jobs) with the registry's expression and time zone,
   and every schedule names a registered job, with a command ``hostmeter run`` accepts or a
-  payload ``jobs.aws.handler`` accepts;
+  payload ``jobs.triggers.aws_lambda.handler`` accepts;
 - the template passes ``cfn-lint`` (skipped when cfn-lint is not installed);
 - IAM: no wildcard action, ``Resource: "*"`` only for actions that have no resource type, and
   each role grants exactly the listed permissions (a new grant fails the test until it is
@@ -27,9 +27,10 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs import aws, cloudwatch
-from jobs.cli import run_cmd
+from jobs.cli.runs import run_cmd
+from jobs.monitoring import cloudwatch
 from jobs.registry import JOBS
+from jobs.triggers import aws_lambda as aws
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "infra" / "aws" / "hostmeter.yaml"
@@ -305,7 +306,7 @@ def test_lambda_function_runs_jobs_aws_handler_from_the_s3_package() -> None:
     assert {"Fn::GetAtt": [name, "Arn"]} == FUNCTION_ARN
     props = function["Properties"]
     assert props["Runtime"] == "python3.11"
-    assert props["Handler"] == "jobs.aws.handler"
+    assert props["Handler"] == "jobs.triggers.aws_lambda.handler"
     module, _, attr = props["Handler"].rpartition(".")
     assert getattr(importlib.import_module(module), attr) is aws.handler
     assert props["Code"] == {"S3Bucket": {"Ref": "LambdaCodeS3Bucket"},
@@ -345,8 +346,9 @@ def _resolve(value: Any, params: Mapping[str, str], stack: str) -> str:
 
 def test_the_lambda_environment_names_its_secrets_and_log_groups_as_the_handler_reads_them(
 ) -> None:
-    """Deployed with real parameter values, the environment makes jobs.aws fetch the database
-    URL from the secret and the key from the parameter, and jobs.cloudwatch read both groups;
+    """Deployed with real parameter values, the environment makes jobs.triggers.aws_lambda fetch
+    the database URL from the secret and the key from the parameter, and
+    jobs.monitoring.cloudwatch read both groups;
     no secret value (or deploy-time dynamic reference) is in the function configuration."""
     secret_arn = "arn:aws:secretsmanager:ap-northeast-1:123456789012:secret:hostmeter/db-AbC"
     params = _parameters(DatabaseUrlSecretArn=secret_arn,

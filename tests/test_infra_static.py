@@ -23,7 +23,7 @@ import click
 import pytest
 import yaml
 
-from jobs import metrics_cli
+from jobs.cli import metrics as metrics_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
@@ -373,7 +373,7 @@ def test_wheel_built_like_the_builder_has_package_data_and_entry_point(
     (wheel,) = wheels.glob("hostmeter-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        for required in ("jobs/cli.py", "jobs/metrics_cli.py",
+        for required in ("jobs/cli/__init__.py", "jobs/cli/metrics.py",
                          "migrations/versions/0001_usage_tables.py", "migrations/env.py",
                          "migrations/script.py.mako", "billing/catalogs/2019-10.toml"):
             assert required in names, f"{required} missing from {wheel.name}"

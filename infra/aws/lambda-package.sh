@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the deployment package of the aggregate-job-logs Lambda function (handler
-# jobs.aws.handler, runtime python3.11, x86_64): hostmeter and its dependencies as Linux
+# jobs.triggers.aws_lambda.handler, runtime python3.11, x86_64): hostmeter and its dependencies as Linux
 # wheels, zipped. boto3 is not included: the Lambda Python runtime provides it (and its
 # botocore needs python-dateutil < 3, so the package keeps to that).
 #

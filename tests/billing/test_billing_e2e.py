@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from jobs.fleet import metric_names
+from jobs.synthetic.fleet import metric_names
 from metering.settings import Settings
 from metering.timeutil import HOUR, hours_between, month_bounds
 

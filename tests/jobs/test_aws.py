@@ -1,5 +1,5 @@
-"""The Lambda entry point (jobs.aws): both EventBridge payload shapes, at-least-once delivery,
-failures that make the platform retry, and malformed events — on SQLite and PostgreSQL."""
+"""The Lambda entry point (jobs.triggers.aws_lambda): both EventBridge payload shapes, at-least-once
+delivery, failures that make the platform retry, and malformed events — on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from sqlalchemy.engine import Engine
 
 from billing import models as bm
 from billing.errors import CoverageError
-from jobs import aws, registry
-from jobs._logging import configure_logging
-from jobs.errors import BadTrigger, JobFailed, UnknownJob
-from jobs.locks import key_lock
-from jobs.runner import RunRequest, Shard, list_runs
+from jobs import registry
+from jobs.runtime.errors import BadTrigger, JobFailed, UnknownJob
+from jobs.runtime.locks import key_lock
+from jobs.runtime.logconfig import configure_logging
+from jobs.triggers import aws_lambda as aws
+from jobs.triggers.runner import RunRequest, Shard, list_runs
 from metering import db
 from metering import models as m
 from metering.errors import ConfigError

@@ -1,6 +1,6 @@
-"""The Lambda handler's secrets (jobs.aws.resolve_secrets) and the whole Lambda variant of
-aggregate-job-logs: database URL from Secrets Manager, Mackerel key from SSM, job logs from
-CloudWatch Logs — boto3 against a real HTTP server on 127.0.0.1, on SQLite and PostgreSQL."""
+"""The Lambda handler's secrets (jobs.triggers.aws_lambda.resolve_secrets) and the whole Lambda
+variant of aggregate-job-logs: database URL from Secrets Manager, Mackerel key from SSM, job logs
+from CloudWatch Logs — boto3 against a real HTTP server on 127.0.0.1, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import pytest
 import sqlalchemy as sa
 from awsfake import DUMMY_ENV, FakeAws, serve
 
-from jobs import aws
-from jobs._logging import configure_logging
-from jobs.errors import AwsError
-from jobs.models import job_runs, log_runs
+from jobs.monitoring.store import log_runs
+from jobs.runtime.errors import AwsError
+from jobs.runtime.ledger import job_runs
+from jobs.runtime.logconfig import configure_logging
+from jobs.triggers import aws_lambda as aws
 from metering.errors import ConfigError
 
 ARN = "arn:aws:secretsmanager:ap-northeast-1:123456789012:secret:hostmeter/db-AbCdEf"

@@ -17,9 +17,11 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from jobs import bench
-from jobs.bench import BenchRefused, BenchTier, planned_counts, run_bench
 from jobs.cli import cli
+from jobs.synthetic.bench import tiers as bench
+from jobs.synthetic.bench.generate import planned_counts
+from jobs.synthetic.bench.report import run_bench
+from jobs.synthetic.bench.tiers import BenchRefused, BenchTier
 from metering import db
 from metering import models as m
 from metering.ingest import UsageRecorder

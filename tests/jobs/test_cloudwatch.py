@@ -1,5 +1,5 @@
-"""aggregate-job-logs reading CloudWatch Logs (jobs.cloudwatch): each event exactly once by
-ingestion time, paging, Lambda's own lines, errors that store nothing — with an injected fake
+"""aggregate-job-logs reading CloudWatch Logs (jobs.monitoring.cloudwatch): each event exactly once
+by ingestion time, paging, Lambda's own lines, errors that store nothing — with an injected fake
 client and with boto3 against a real HTTP server on 127.0.0.1, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import sqlalchemy as sa
 from awsfake import DUMMY_ENV, FakeAws, boto3_client, serve
 from sqlalchemy.engine import Engine
 
-from jobs import aggregate_job_logs, cloudwatch
-from jobs import logmetrics as lm
-from jobs.errors import AwsError
-from jobs.models import job_metrics, log_checkpoints, log_runs
-from jobs.runtime import JobContext, run_job
+from jobs import aggregate_job_logs
+from jobs.monitoring import cloudwatch
+from jobs.monitoring import logmetrics as lm
+from jobs.monitoring.store import job_metrics, log_checkpoints, log_runs
+from jobs.runtime.context import JobContext, run_job
+from jobs.runtime.errors import AwsError
 from metering.settings import Settings
 
 GROUP = "/hostmeter/prod/jobs"
@@ -124,7 +125,8 @@ def test_lambda_platform_lines_are_not_malformed(engine: Engine) -> None:
                  finished("lam", at, job="aggregate-job-logs"),
                  "END RequestId: 8f5a",
                  "REPORT RequestId: 8f5a\tDuration: 812.11 ms\tBilled Duration: 813 ms",
-                 "[ERROR] Runtime.ImportModuleError: Unable to import module 'jobs.aws'"):
+                 "[ERROR] Runtime.ImportModuleError: Unable to import module "
+                 "'jobs.triggers.aws_lambda'"):
         put(fake, line, at)
     out = lm.aggregate(engine, [], now=NOW, log_groups=[GROUP], logs_client=fake)
     assert (out.log_events, out.lines, out.runs, out.malformed) == (6, 2, 1, 1)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import dashboard
-from jobs.metricdata import DashboardData, JobStatus, MonthBilling, RunFact
+from jobs.monitoring import dashboard
+from jobs.monitoring.metricdata import DashboardData, JobStatus, MonthBilling, RunFact
 
 HOSTILE_ERROR = '<script>alert("pwned")</script> database is locked'
 HOSTILE_TENANT = "umbrella <corp> & sons"

@@ -17,10 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 
-from jobs import logmetrics as lm
-from jobs._logging import configure_logging
-from jobs.exports import MackerelSettings, export_mackerel, write_prometheus
-from jobs.mackerel import MackerelError
+from jobs.monitoring import logmetrics as lm
+from jobs.monitoring.exports import MackerelSettings, export_mackerel, write_prometheus
+from jobs.monitoring.mackerel import MackerelError
+from jobs.runtime.logconfig import configure_logging
 from metering.settings import Settings
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -91,7 +91,7 @@ def test_a_failed_export_loses_nothing_and_never_logs_the_key(engine: Engine,
     log_file = configure_logging(str(tmp_path / "out"), stream=stream)
     settings = MackerelSettings(api_key=KEY, base_url="http://mackerel.test")
     down = httpx.Client(transport=httpx.MockTransport(Recorder(fail_with=503)))
-    import jobs.mackerel as mk
+    import jobs.monitoring.mackerel as mk
 
     with pytest.raises(MackerelError) as info:
         export_mackerel(engine, settings, now=NOW, client=down)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import structlog
 
-from jobs._logging import configure_logging
+from jobs.runtime.logconfig import configure_logging
 
 
 def test_secrets_never_reach_a_log_sink(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from jobs import logmetrics as lm
-from jobs.models import job_metrics, log_runs
+from jobs.monitoring import logmetrics as lm
+from jobs.monitoring.store import job_metrics, log_runs
 
 NOW = datetime(2026, 11, 1, 3, 7, tzinfo=UTC)
 

@@ -18,15 +18,15 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from jobs._logging import configure_logging
-from jobs.mackerel import (
+from jobs.monitoring.mackerel import (
     GROUPS,
     MackerelError,
     MackerelExporter,
     graph_definitions,
     mackerel_name,
 )
-from jobs.metricdata import MetricPoint
+from jobs.monitoring.metricdata import MetricPoint
+from jobs.runtime.logconfig import configure_logging
 
 KEY = "mkr-SECRET-4f9a2c"
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

@@ -22,9 +22,9 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs import mackerel
-from jobs.metricdata import JobStatus, MonthBilling
-from jobs.prometheus import (
+from jobs.monitoring import mackerel
+from jobs.monitoring.metricdata import JobStatus, MonthBilling
+from jobs.monitoring.prometheus import (
     METRIC_NAMES,
     RUN_STATUSES,
     build_registry,
@@ -177,8 +177,8 @@ def test_naive_last_success_is_read_as_utc_not_local_time() -> None:
     # A fresh interpreter started with TZ set: not every Python has os.tzset().
     script = (
         "from datetime import datetime\n"
-        "from jobs.metricdata import JobStatus\n"
-        "from jobs.prometheus import build_registry\n"
+        "from jobs.monitoring.metricdata import JobStatus\n"
+        "from jobs.monitoring.prometheus import build_registry\n"
         "status = JobStatus(job='prune-usage', last_success=datetime(2024, 6, 1, 4, 30),\n"
         "    last_duration_s=1.0, last_status='succeeded', runs_by_status={},\n"
         "    tenants_expected=None, tenants_processed=None, tenants_failed=None)\n"

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 
 from billing.service import BillingRequest, close_period, rerun_period
 from jobs import prune_usage
-from jobs.runner import RunRequest, execute
+from jobs.triggers.runner import RunRequest, execute
 from metering import models as m
 from metering.errors import ConfigError
 from metering.ingest import UsageRecorder

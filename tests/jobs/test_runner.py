@@ -21,9 +21,9 @@ from billing import models as bm
 from billing.catalog import Catalog
 from billing.rules import MonthSums, Rating, rate
 from jobs import billing_jobs
-from jobs.errors import BadTrigger
-from jobs.models import job_runs
-from jobs.runner import (
+from jobs.runtime.errors import BadTrigger
+from jobs.runtime.ledger import job_runs
+from jobs.triggers.runner import (
     RunRequest,
     Shard,
     execute,

@@ -21,8 +21,8 @@ from freezegun import freeze_time
 from structlog.testing import capture_logs
 
 from jobs import registry
-from jobs.errors import JobError
-from jobs.scheduler import (
+from jobs.runtime.errors import JobError
+from jobs.triggers.scheduler import (
     InvalidSchedule,
     LocalScheduler,
     default_catch_up_limit,

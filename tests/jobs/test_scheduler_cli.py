@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from jobs.registry import JOBS
-from jobs.runner import list_runs
+from jobs.triggers.runner import list_runs
 
 
 @pytest.mark.slow

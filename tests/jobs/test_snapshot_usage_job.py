@@ -24,8 +24,8 @@ from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
 from jobs import snapshot_usage
-from jobs._logging import configure_logging
-from jobs.runtime import JobContext, JobResult, run_job
+from jobs.runtime.context import JobContext, JobResult, run_job
+from jobs.runtime.logconfig import configure_logging
 from metering import db
 from metering import models as m
 from metering.errors import InvalidWindow

@@ -2,7 +2,7 @@
 
 A trigger names a job, a scheduled time and a shard. The job's key time (the normalized start
 of its window) plus the shard make the ledger key. Under the key's lock (see
-:mod:`jobs.locks`):
+:mod:`jobs.runtime.locks`):
 
 - the key already succeeded → a ``skipped`` row, exit 0 (unless ``force``); a backfill always
   runs, and its success never makes a scheduled trigger of the same key skip (a backfill's
@@ -32,10 +32,10 @@ import structlog
 from sqlalchemy.engine import Engine
 
 from jobs import registry
-from jobs.errors import BadTrigger
-from jobs.locks import key_lock
-from jobs.models import job_runs
-from jobs.runtime import JobContext, new_run_id, run_job
+from jobs.runtime.context import JobContext, new_run_id, run_job
+from jobs.runtime.errors import BadTrigger
+from jobs.runtime.ledger import job_runs
+from jobs.runtime.locks import key_lock
 from metering.db import reading
 from metering.settings import Settings
 from metering.timeutil import period_of

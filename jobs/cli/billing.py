@@ -15,9 +15,10 @@ from billing.documents import CSV_COLUMNS, csv_rows, period_document
 from billing.rules import format_money
 from billing.service import BillingOutcome
 from jobs import billing_jobs
-from jobs.clikit import EXIT_FAILED, Group, current_state, fail, parse_at, raise_known
-from jobs.console import err, out, print_table
-from jobs.runtime import JobContext, run_job
+from jobs.cli.console import err, out, print_table
+from jobs.cli.errors import EXIT_FAILED, Group, fail, raise_known
+from jobs.cli.state import current_state, parse_at
+from jobs.runtime.context import JobContext, run_job
 from metering.db import reading
 from metering.timeutil import month_bounds
 

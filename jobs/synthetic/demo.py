@@ -17,8 +17,8 @@ from datetime import datetime
 from billing.repository import StoredInvoice, load_invoices
 from billing.service import BillingOutcome
 from jobs import billing_jobs, snapshot_usage
-from jobs.fleet import FleetTenant, demo_fleet
-from jobs.runtime import JobContext, JobResult, new_run_id, run_job
+from jobs.runtime.context import JobContext, JobResult, new_run_id, run_job
+from jobs.synthetic.fleet import FleetTenant, demo_fleet
 from metering.db import reading
 from metering.ingest import IngestSummary, UsageRecorder
 from metering.records import Record

@@ -1,4 +1,4 @@
-"""Export :class:`~jobs.metricdata.MetricPoint` values to Mackerel as service metrics.
+"""Export :class:`~jobs.monitoring.metricdata.MetricPoint` values to Mackerel as service metrics.
 
 Points go to ``POST {base_url}/api/v0/services/{service}/tsdb`` with the ``X-Api-Key`` header and
 a JSON list of ``{"name", "time", "value"}`` (``time`` in epoch seconds, ``value`` a float
@@ -17,7 +17,7 @@ Graphs
     the rest of the name picks the graph. The names the metrics store should emit — and
     :data:`GROUPS` — are chosen for that::
 
-        point name (jobs.logmetrics)      labels       Mackerel graph (name before last dot)
+        point name (logmetrics)           labels       Mackerel graph (name before last dot)
         hostmeter.job.runs                job, status  hostmeter.job.runs.<job>: a line per status
         hostmeter.job.duration_seconds    job          a line per job
         hostmeter.job.tenants_expected    job          a line per job (also _processed, _failed)
@@ -64,8 +64,8 @@ from typing import Any
 import httpx
 import structlog
 
-from jobs.errors import JobError
-from jobs.metricdata import MetricPoint
+from jobs.monitoring.metricdata import MetricPoint
+from jobs.runtime.errors import JobError
 
 __all__ = [
     "GROUPS",

@@ -6,10 +6,11 @@ The tree::
     ├── UnknownJob       no job of that name is registered
     ├── BadTrigger       a trigger (shard, event payload, option) is malformed
     ├── JobFailed        a run ended failed or partial (carries ``status`` and ``run_id``)
-    ├── InvalidSchedule  a registry schedule expression cannot be parsed (jobs.scheduler)
-    ├── MackerelError    the Mackerel API refused or could not be reached (jobs.mackerel)
+    ├── InvalidSchedule  a registry schedule expression cannot be parsed (jobs.triggers.scheduler)
+    ├── MackerelError    the Mackerel API refused or could not be reached (jobs.monitoring.mackerel)
     └── AwsError         an AWS API (CloudWatch Logs, SSM, Secrets Manager) refused, could
-                         not be reached, or boto3 is missing (jobs.cloudwatch, jobs.aws)
+                         not be reached, or boto3 is missing (jobs.monitoring.cloudwatch,
+                         jobs.triggers.aws_lambda)
 """
 
 from __future__ import annotations

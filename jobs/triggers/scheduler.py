@@ -42,7 +42,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from jobs.errors import JobError
+from jobs.runtime.errors import JobError
 
 __all__ = [
     "DEFAULT_MISFIRE_GRACE_TIME",

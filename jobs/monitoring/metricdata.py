@@ -1,6 +1,6 @@
 """Values that flow from the job-metrics store to the exporters and the dashboard.
 
-The store (``jobs.logmetrics``) turns structured job logs into these; the Mackerel and
+The store (``jobs.monitoring.logmetrics``) turns structured job logs into these; the Mackerel and
 Prometheus exporters and the dashboard only ever see these values, so each can be tested with
 plain data.
 """

@@ -1,35 +1,53 @@
-"""Human output: rich tables and progress bars (bars only when stderr is a terminal)."""
+"""Human output: rich tables and progress bars (bars only when stderr is a terminal).
+
+rich is imported on first use, not with this module: ``hostmeter --help`` and JSON output
+never pay for it.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
 
-__all__ = ["out", "print_table", "progress"]
+__all__ = ["err", "out", "print_table", "progress"]
+
+
+class _LazyConsole:
+    """A :class:`rich.console.Console` made (and rich imported) on first attribute access."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        """The console itself, made on the first call."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
 
 # Off a terminal (a pipe, a CI log) rich would wrap tables at 80 columns; give them room.
-out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+out = _LazyConsole(highlight=False, soft_wrap=False,
+                   width=None if sys.stdout.isatty() else 200)
+err = _LazyConsole(stderr=True, highlight=False)
 
 
 def print_table(
     title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]],
     *, right: Sequence[str] = (),
 ) -> None:
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left", show_lines=False)
     for col in columns:
         table.add_column(col, justify="right" if col in right else "left", no_wrap=True)
@@ -51,6 +69,16 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int, int
 
         yield ignore
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -58,7 +86,7 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int, int
         TaskProgressColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=err,
+        console=err.get(),
         transient=False,
     )
     with bar:

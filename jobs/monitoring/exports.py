@@ -24,9 +24,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from jobs.errors import BadTrigger
-from jobs.logmetrics import job_statuses, malformed_total, months, read_points
-from jobs.models import export_checkpoints
+from jobs.monitoring.logmetrics import job_statuses, malformed_total, months, read_points
+from jobs.monitoring.store import export_checkpoints
+from jobs.runtime.errors import BadTrigger
 from metering.db import reading, upsert
 
 __all__ = ["MackerelSettings", "export_mackerel", "prometheus_registry", "write_prometheus"]
@@ -73,7 +73,7 @@ def _save(engine: Engine, exporter: str, sent_until: datetime | None, graphs: bo
 def export_mackerel(engine: Engine, settings: MackerelSettings, *, now: datetime,
                     client: Any = None) -> dict[str, Any]:
     """Post the points newer than the checkpoint; advance it to what was accepted."""
-    from jobs.mackerel import MackerelError, MackerelExporter
+    from jobs.monitoring.mackerel import MackerelError, MackerelExporter
 
     since, graphs = _checkpoint(engine, "mackerel")
     points = read_points(engine, since=since)
@@ -96,14 +96,14 @@ def export_mackerel(engine: Engine, settings: MackerelSettings, *, now: datetime
 
 def prometheus_registry(engine: Engine, zone: Any) -> Any:
     """A fresh registry of the current job statuses and billing months."""
-    from jobs.prometheus import build_registry
+    from jobs.monitoring.prometheus import build_registry
 
     return build_registry(job_statuses(engine), months(engine, zone),
                           malformed_lines=malformed_total(engine))
 
 
 def write_prometheus(engine: Engine, zone: Any, path: Path) -> dict[str, Any]:
-    from jobs.prometheus import write_textfile
+    from jobs.monitoring.prometheus import write_textfile
 
     if not path.parent.is_dir():
         raise BadTrigger(f"textfile directory {path.parent} does not exist", path=str(path))

@@ -21,10 +21,11 @@ window keeps the malformed-line counter exact too.
 into a function's log group; they are skipped, not counted as malformed. Anything else that is
 not a JSON object (a traceback, say) is counted as malformed.
 
-**Reading outside the write.** This module only fetches: :func:`jobs.logmetrics.aggregate`
-reads the checkpoints, fetches every group before its database transaction, and inside it
-compares each checkpoint again (:func:`jobs.logmetrics.store_log_group`): if another pass moved
-it meanwhile, that batch is dropped (the other pass stored the same events).
+**Reading outside the write.** This module only fetches:
+:func:`jobs.monitoring.logmetrics.aggregate` reads the checkpoints, fetches every group before its
+database transaction, and inside it compares each checkpoint again
+(:func:`jobs.monitoring.logmetrics.store_log_group`): if another pass moved it meanwhile, that batch
+is dropped (the other pass stored the same events).
 
 boto3 is an optional dependency (``pip install 'hostmeter[aws]'``; the Lambda runtime has it).
 The client is injectable: anything with ``filter_log_events(**kwargs) -> dict``. The endpoint
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from jobs.errors import AwsError
+from jobs.runtime.errors import AwsError
 
 __all__ = [
     "CHECKPOINT_HEAD",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from jobs.metricdata import DashboardData, JobStatus, MonthBilling, RunFact
+from jobs.monitoring.metricdata import DashboardData, JobStatus, MonthBilling, RunFact
 
 __all__ = [
     "CHART_COUNT", "COLORS", "SECTION_TITLES", "DashboardServer", "render", "serve", "write",

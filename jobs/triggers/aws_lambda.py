@@ -25,21 +25,21 @@ the job in ``detail``)::
     as (a) and nothing else. The envelope's other keys belong to AWS and are not checked.
 
 Any object with a ``detail-type`` key is read as (b), anything else as (a). Times must be ISO 8601
-with an offset (``Z`` or ``+09:00``). Both shapes become a :class:`~jobs.runner.RunRequest` with
-trigger ``"schedule"`` and go through :func:`jobs.runner.execute`, so the ledger key (job, the
-window the scheduled time selects, shard) makes delivery idempotent: the same event delivered
-twice — or a rule and a Scheduler payload for the same time — does the work once; the second
-delivery is recorded as ``skipped`` and returns normally.
+with an offset (``Z`` or ``+09:00``). Both shapes become a :class:`~jobs.triggers.runner.RunRequest`
+with trigger ``"schedule"`` and go through :func:`jobs.triggers.runner.execute`, so the ledger key
+(job, the window the scheduled time selects, shard) makes delivery idempotent: the same event
+delivered twice — or a rule and a Scheduler payload for the same time — does the work once; the
+second delivery is recorded as ``skipped`` and returns normally.
 
 What the handler returns and raises:
 
-- success or skip → :meth:`~jobs.runner.RunOutcome.as_dict` (JSON-serialisable);
-- a run that ends ``failed`` or ``partial`` → :class:`~jobs.errors.JobFailed` (job, status,
+- success or skip → :meth:`~jobs.triggers.runner.RunOutcome.as_dict` (JSON-serialisable);
+- a run that ends ``failed`` or ``partial`` → :class:`~jobs.runtime.errors.JobFailed` (job, status,
   run id and error in the message). Lambda counts the invocation as failed and the platform
   retries it; the retry reaches the same key, which did not succeed, so it runs again (a
   ``partial`` close bills the tenants that are still missing);
-- a malformed payload → :class:`~jobs.errors.BadTrigger`, an unknown job →
-  :class:`~jobs.errors.UnknownJob`, raised before any database access. The platform retries
+- a malformed payload → :class:`~jobs.runtime.errors.BadTrigger`, an unknown job →
+  :class:`~jobs.runtime.errors.UnknownJob`, raised before any database access. The platform retries
   these too; every retry fails the same way without writing anything, and the event then lands
   in the dead-letter queue (or on-failure destination), where an operator sees it. That is on
   purpose: returning an error value instead would count as a success and silently drop a
@@ -49,7 +49,7 @@ Environment (besides :mod:`metering.settings`): ``HOSTMETER_LOCK_WAIT_S`` (defau
 delivery waits for a concurrent run of the same key before recording ``skipped``; keep it well
 under the function timeout. ``HOSTMETER_LOG_DIR=""`` means no log file (stderr, i.e. CloudWatch,
 only); an unwritable log directory also degrades to stderr only. ``HOSTMETER_LOG_GROUPS`` makes
-``aggregate-job-logs`` read CloudWatch Logs (:mod:`jobs.cloudwatch`).
+``aggregate-job-logs`` read CloudWatch Logs (:mod:`jobs.monitoring.cloudwatch`).
 
 **Secrets.** Lambda environment variables cannot reference Secrets Manager or SSM SecureString
 values, so the handler fetches them itself, at the start of every invocation (a rotated secret
@@ -57,8 +57,8 @@ is picked up by the next run, without a deployment): for each setting of
 :data:`SECRET_SETTINGS`, ``<SETTING>_SECRET_ARN`` names a Secrets Manager secret whose
 ``SecretString`` is the value, or ``<SETTING>_SSM_PARAMETER`` an SSM parameter (decrypted).
 A reference wins over a value given directly; giving both kinds of reference is an error. A
-secret that cannot be fetched fails the invocation (:class:`~jobs.errors.AwsError`, one line,
-never the value) before the database is touched. Values are never logged.
+secret that cannot be fetched fails the invocation (:class:`~jobs.runtime.errors.AwsError`, one
+line, never the value) before the database is touched. Values are never logged.
 
 Across warm invocations the engine is cached per database URL and the schema is checked once per
 engine.
@@ -74,9 +74,9 @@ import structlog
 from sqlalchemy.engine import Engine
 
 from jobs import registry
-from jobs._logging import configure_logging
-from jobs.errors import AwsError, BadTrigger, JobFailed
-from jobs.runner import RunOutcome, RunRequest, Shard, execute, parse_shard
+from jobs.runtime.errors import AwsError, BadTrigger, JobFailed
+from jobs.runtime.logconfig import configure_logging
+from jobs.triggers.runner import RunOutcome, RunRequest, Shard, execute, parse_shard
 from metering.db import create_engine, ensure_schema
 from metering.errors import ConfigError, InvalidWindow
 from metering.settings import Settings
@@ -113,7 +113,7 @@ def parse_event(event: Mapping[str, Any]) -> RunRequest:
     """A Scheduler payload or an EventBridge "Scheduled Event" → a :class:`RunRequest`.
 
     Raises :class:`BadTrigger` (one-line message) for a malformed payload and
-    :class:`~jobs.errors.UnknownJob` for a job that is not registered.
+    :class:`~jobs.runtime.errors.UnknownJob` for a job that is not registered.
     """
     if not isinstance(event, Mapping):
         raise _bad(f"event must be a JSON object, got {type(event).__name__}")

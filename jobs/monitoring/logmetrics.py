@@ -24,23 +24,30 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection, Engine
 
 from billing import models as bm
 from billing.rules import to_decimal
-from jobs.cloudwatch import CHECKPOINT_HEAD, LogGroupBatch, checkpoint_key, read_log_group
-from jobs.cloudwatch import logs_client as cloudwatch_client
-from jobs.metricdata import DashboardData, JobStatus, MetricPoint, MonthBilling, RunFact
-from jobs.models import job_metrics, log_checkpoints, log_runs
+from jobs.monitoring.cloudwatch import (
+    CHECKPOINT_HEAD,
+    LogGroupBatch,
+    checkpoint_key,
+    read_log_group,
+)
+from jobs.monitoring.cloudwatch import logs_client as cloudwatch_client
+from jobs.monitoring.metricdata import DashboardData, JobStatus, MetricPoint, MonthBilling, RunFact
+from jobs.monitoring.store import job_metrics, log_checkpoints, log_runs
 from metering import models as m
 from metering.db import insert_ignore, reading, upsert
 from metering.report import coverage
 from metering.timeutil import month_bounds
+
+if TYPE_CHECKING:  # pandas is imported where metrics are computed, not with this module
+    import pandas as pd
 
 __all__ = [
     "BUCKET",
@@ -216,6 +223,8 @@ def store_log_group(conn: Connection, batch: LogGroupBatch, *, now: datetime
 
 def _metric_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
     """Bucketed metrics from the runs table (pure: a DataFrame in, rows out)."""
+    import pandas as pd
+
     if runs.empty:
         return []
     runs = runs.assign(bucket=runs["finished_at"].map(_floor))
@@ -239,6 +248,8 @@ def _metric_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def _recompute(conn: Connection) -> int:
+    import pandas as pd
+
     rows = conn.execute(sa.select(log_runs.c.finished_at, log_runs.c.job, log_runs.c.status,
                                   log_runs.c.duration_s, log_runs.c.counts)).all()
     frame = pd.DataFrame(rows, columns=["finished_at", "job", "status", "duration_s", "counts"])
@@ -252,7 +263,7 @@ def _recompute(conn: Connection) -> int:
 def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
               log_groups: Sequence[str] = (), logs_client: Any = None) -> AggregateResult:
     """Read what is new in ``paths`` (files) and ``log_groups`` (CloudWatch Logs, see
-    :mod:`jobs.cloudwatch`; ``logs_client`` defaults to boto3's) and refresh the stored
+    :mod:`jobs.monitoring.cloudwatch`; ``logs_client`` defaults to boto3's) and refresh the stored
     metrics. The log groups are fetched first; everything is stored in one transaction."""
     batches: list[LogGroupBatch] = []
     if log_groups:

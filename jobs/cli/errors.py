@@ -1,22 +1,19 @@
-"""Shared pieces of the ``hostmeter`` command line: exit codes, one-line errors, the group
-state (settings and a lazily created engine) and instant parsing.
+"""Exit codes and one-line errors of the ``hostmeter`` command line.
 
 Exit codes: ``0`` done, ``1`` the work failed or was partial (or the database is unreachable),
-``2`` bad usage or bad input. Errors are one line on stderr.
+``2`` bad usage or bad input. Errors are one line on stderr. Our packages' errors are
+translated here, once: bad input (a bad window, record, trigger, tenant, catalog or setting)
+→ exit 2; anything else of ours → exit 1; a foreign exception is not ours to hide.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import click
-from sqlalchemy.engine import Engine
 
 from billing.errors import BillingError, CatalogError, ReasonRequired, UnknownTenant
-from jobs.errors import BadTrigger, JobError, UnknownJob
-from metering import db
+from jobs.runtime.errors import BadTrigger, JobError, UnknownJob
 from metering.errors import (
     ConfigError,
     InvalidBatch,
@@ -24,18 +21,13 @@ from metering.errors import (
     InvalidWindow,
     MeteringError,
 )
-from metering.settings import Settings
-from metering.timeutil import parse_instant
 
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_FAILED",
     "CliError",
     "Group",
-    "State",
-    "current_state",
     "fail",
-    "parse_at",
     "raise_known",
     "translate",
 ]
@@ -85,33 +77,10 @@ def raise_known(exc: BaseException | None) -> None:
 
 
 class Group(click.Group):
+    """A click group whose commands' errors of ours become one-line CLI errors."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (MeteringError, JobError, BillingError) as exc:
             raise translate(exc) from exc
-
-
-@dataclasses.dataclass
-class State:
-    settings: Settings
-    _engine: Engine | None = None
-
-    def engine(self, *, schema: bool = True) -> Engine:
-        if self._engine is None:
-            self._engine = db.create_engine(self.settings.database_url)
-        if schema:
-            db.ensure_schema(self._engine)
-        return self._engine
-
-
-def current_state() -> State:
-    return click.get_current_context().find_object(State)  # type: ignore[return-value]
-
-
-def parse_at(value: str | None, what: str = "--at") -> datetime:
-    if value is None:
-        return datetime.now(UTC)
-    return parse_instant(value, what=what)
-
-

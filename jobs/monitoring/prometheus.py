@@ -1,9 +1,9 @@
 """Prometheus text exposition of job and billing metrics.
 
-The metrics are rebuilt from plain values (:class:`~jobs.metricdata.JobStatus`,
-:class:`~jobs.metricdata.MonthBilling`) at every scrape: :func:`build_registry` wraps them in a
-private registry with one custom collector, never the process-global default registry, so a
-scrape shows exactly what the store holds now and nothing a previous scrape left behind.
+The metrics are rebuilt from plain values (:class:`~jobs.monitoring.metricdata.JobStatus`,
+:class:`~jobs.monitoring.metricdata.MonthBilling`) at every scrape: :func:`build_registry` wraps
+them in a private registry with one custom collector, never the process-global default registry, so
+a scrape shows exactly what the store holds now and nothing a previous scrape left behind.
 
 Three ways out:
 
@@ -38,7 +38,7 @@ from prometheus_client import write_to_textfile as _write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from jobs.metricdata import JobStatus, MonthBilling
+from jobs.monitoring.metricdata import JobStatus, MonthBilling
 
 __all__ = [
     "METRIC_NAMES",

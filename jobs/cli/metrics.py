@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from jobs import aggregate_job_logs
-from jobs.clikit import EXIT_BAD_INPUT, EXIT_FAILED, Group, current_state, fail
-from jobs.runtime import JobContext, run_job
+from jobs.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, Group, fail
+from jobs.cli.state import current_state
+from jobs.runtime.context import JobContext, run_job
 
 __all__ = ["dashboard_command", "metrics_group"]
 
@@ -63,8 +64,8 @@ def aggregate_cmd(logs: tuple[str, ...], log_groups: tuple[str, ...], exports: t
 @click.option("--host", default="127.0.0.1", show_default=True)
 def serve_cmd(port: int, host: str) -> None:
     """Serve the Prometheus exposition on http://HOST:PORT/metrics until Ctrl-C."""
-    from jobs.exports import prometheus_registry
-    from jobs.prometheus import serve
+    from jobs.monitoring.exports import prometheus_registry
+    from jobs.monitoring.prometheus import serve
 
     state = current_state()
     engine = state.engine()
@@ -95,8 +96,8 @@ def dashboard_command(out_path: Path, do_serve: bool, port: int) -> None:
 
     Run `hostmeter metrics aggregate` first: the page shows the aggregated job logs.
     """
-    from jobs.dashboard import serve, write
-    from jobs.logmetrics import dashboard_data
+    from jobs.monitoring.dashboard import serve, write
+    from jobs.monitoring.logmetrics import dashboard_data
 
     state = current_state()
     engine = state.engine()

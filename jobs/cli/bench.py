@@ -1,0 +1,56 @@
+"""``hostmeter bench``: the benchmark's command line (the bench itself is
+:mod:`jobs.synthetic.bench`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from jobs.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, fail
+from jobs.cli.state import current_state
+from jobs.synthetic.bench.tiers import DEFAULT_PERIOD, TIERS, BenchRefused
+
+__all__ = ["bench_command"]
+
+
+@click.command("bench")
+@click.option("--tier", type=click.Choice(list(TIERS)), default="small", show_default=True,
+              help="Fleet size: small (CI) or medium (~2,000 tenants, 30,000 hosts).")
+@click.option("--period", default=DEFAULT_PERIOD, show_default=True, metavar="YYYY-MM",
+              help="Month to generate and snapshot (in the billing time zone).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the JSON document to FILE.")
+def bench_command(tier: str, period: str, out_path: Path | None) -> None:
+    """Time ingest and a month of snapshots on a generated fleet; print JSON.
+
+    \b
+    WRITES INTO THE CONFIGURED DATABASE: a synthetic fleet (tenants bench-*),
+    replacing the previous bench data. Refuses a database that holds any
+    other tenant. Exit 1 when a correctness check fails.
+    """
+    from jobs.cli.console import progress
+    from jobs.synthetic.bench.report import run_bench
+    from metering.errors import InvalidWindow
+    from metering.timeutil import parse_period
+
+    try:
+        parse_period(period)  # a bad period fails before any work
+    except InvalidWindow as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    state = current_state()
+    try:
+        report = run_bench(state.engine(), state.settings, TIERS[tier], period=period,
+                           progress_factory=progress)
+    except BenchRefused as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    text = json.dumps(report.as_dict(), indent=2)
+    click.echo(text)
+    if out_path is not None:
+        out_path.write_text(text + "\n", encoding="utf-8")
+    if not report.ok:
+        failed = [c.name for c in report.checks if not c.ok]
+        if report.snapshot.status != "succeeded":
+            failed.insert(0, f"snapshot-usage {report.snapshot.status}: {report.snapshot.error}")
+        fail("bench checks failed: " + "; ".join(failed), EXIT_FAILED)

@@ -1,0 +1,151 @@
+"""One bench run end to end (:func:`run_bench`) and the document it prints
+(:class:`BenchReport`)."""
+
+from __future__ import annotations
+
+import platform
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Engine
+
+from jobs.synthetic.bench.checks import Check, invoices_check, run_checks
+from jobs.synthetic.bench.generate import GenerateResult, generate_fleet, table_counts
+from jobs.synthetic.bench.measure import (
+    CloseTiming,
+    IngestTiming,
+    SnapshotTiming,
+    time_close,
+    time_ingest,
+    time_snapshots,
+)
+from jobs.synthetic.bench.tiers import DEFAULT_PERIOD, BenchTier, Progress, no_progress
+from metering import db
+from metering import models as m
+from metering.settings import Settings
+from metering.timeutil import HOUR, hours_between, month_bounds
+
+__all__ = ["BenchReport", "run_bench"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BenchReport:
+    """Everything one bench run measured and checked."""
+
+    tier: BenchTier
+    period: str
+    billing_tz: str
+    database: str
+    backend: str
+    server_version: str
+    start: datetime
+    end: datetime
+    generated: GenerateResult
+    ingest: IngestTiming
+    ingest_single: IngestTiming
+    snapshot: SnapshotTiming
+    close: CloseTiming | None
+    checks: list[Check]
+    database_counts: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        closed = self.close is None or self.close.status == "succeeded"
+        return self.snapshot.status == "succeeded" and closed and all(c.ok for c in self.checks)
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.tier
+        return {
+            "bench": "hostmeter",
+            "ok": self.ok,
+            "tier": t.name,
+            "size": {"tenants": t.tenants, "hosts": t.hosts, "hours": self.snapshot.hours},
+            "period": self.period,
+            "billing_tz": self.billing_tz,
+            "window": [self.start.isoformat(), self.end.isoformat()],
+            "backend": self.backend,
+            "server_version": self.server_version,
+            "database": self.database,
+            "python": platform.python_version(),
+            "sqlalchemy": sa.__version__,
+            "generate": {
+                "generate_s": self.generated.generate_s,
+                "cleanup_s": self.generated.cleanup_s,
+                "steps_s": self.generated.steps_s,
+                "rows": self.generated.counts,
+            },
+            "ingest": {**self.ingest.as_dict(), "single_post_calls": self.ingest_single.as_dict()},
+            "snapshot": self.snapshot.as_dict(),
+            "close": self.close.as_dict() if self.close else None,
+            "counts": self.database_counts,
+            "checks": {c.name: {"ok": c.ok, **c.details} for c in self.checks},
+        }
+
+
+def _server_version(engine: Engine) -> str:
+    if engine.dialect.name == "sqlite":
+        return sqlite3.sqlite_version
+    with engine.connect() as conn:
+        return str(conn.exec_driver_sql("SHOW server_version").scalar_one())
+
+
+def run_bench(
+    engine: Engine,
+    settings: Settings,
+    tier: BenchTier,
+    *,
+    period: str = DEFAULT_PERIOD,
+    progress_factory: Progress = no_progress,
+) -> BenchReport:
+    """Generate ``tier``'s fleet in ``engine``'s database, time ingest and snapshots, check.
+
+    Raises :class:`BenchRefused` (nothing written) when the database holds non-bench tenants.
+    """
+    start, month_end = month_bounds(period, settings.zone)
+    hour_list = list(hours_between(start, month_end))
+    if tier.hours is not None:
+        hour_list = hour_list[: tier.hours]
+    end = hour_list[-1] + HOUR
+    db.ensure_schema(engine)
+
+    generated = generate_fleet(engine, tier, start, len(hour_list),
+                               progress_factory=progress_factory)
+    ingest, single = time_ingest(engine, tier, start, len(hour_list),
+                                 progress_factory=progress_factory)
+    snapshot = time_snapshots(engine, settings, hour_list, progress_factory=progress_factory)
+    checks = run_checks(engine, start, end, len(hour_list), snapshot.run_id, generated)
+    close = None
+    if end == month_end:  # a whole month was snapshotted: close it (a partial tier cannot)
+        close = time_close(engine, settings, period)
+        checks.append(invoices_check(engine, period, start, end, close))
+    with engine.connect() as conn:
+        counts = table_counts(conn)
+        us, hh = m.usage_snapshots, m.host_hours
+        counts["host_hours_in_window"] = int(conn.execute(
+            sa.select(sa.func.count()).select_from(hh).where(hh.c.hour >= start, hh.c.hour < end)
+        ).scalar_one())
+        counts["usage_snapshots"] = int(conn.execute(
+            sa.select(sa.func.count()).select_from(us).where(us.c.hour >= start, us.c.hour < end)
+        ).scalar_one())
+        conn.rollback()
+    report = BenchReport(
+        tier=tier, period=period, billing_tz=settings.billing_tz,
+        database=db.redact_url(str(engine.url)), backend=engine.dialect.name,
+        server_version=_server_version(engine), start=start, end=end, generated=generated,
+        ingest=ingest, ingest_single=single, snapshot=snapshot, close=close, checks=checks,
+        database_counts=counts,
+    )
+    structlog.get_logger("hostmeter.bench").info(
+        "bench_finished", tier=tier.name, backend=report.backend, ok=report.ok,
+        generate_s=generated.generate_s, observations_per_s=report.ingest.as_dict()
+        ["observations_per_s"], snapshot_s=report.snapshot.as_dict()["snapshot_s"],
+        floor_s=report.snapshot.as_dict()["floor_s"],
+        close_s=report.close.as_dict()["close_s"] if report.close else None,
+    )
+    return report
+
+

@@ -1,0 +1,86 @@
+"""Bench tiers (the fleet sizes), the bench's own error, and the progress protocol it reports
+through (the command line passes rich bars; everything else gets :func:`no_progress`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from jobs.runtime.errors import JobError
+
+__all__ = [
+    "BENCH_PREFIX",
+    "DEFAULT_PERIOD",
+    "SNAPSHOT_RUN_PREFIX",
+    "TIERS",
+    "BenchRefused",
+    "BenchTier",
+    "Progress",
+    "no_progress",
+]
+
+DEFAULT_PERIOD = "2026-10"
+BENCH_PREFIX = "bench-"
+SNAPSHOT_RUN_PREFIX = "bench-"
+
+Progress = Callable[[str, int | None], Any]
+"""A progress factory: ``progress(description, total)`` is a context manager yielding
+``update(done, total=None)`` (the command line passes :func:`jobs.cli.console.progress`)."""
+
+
+@contextmanager
+def no_progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """A :data:`Progress` factory that shows nothing."""
+
+    def ignore(done: int, new_total: int | None = None) -> None:
+        return None
+
+    yield ignore
+
+
+class BenchRefused(JobError):
+    """The database holds data that is not bench data; bench writes nothing."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BenchTier:
+    """The size of one bench run."""
+
+    name: str
+    tenants: int
+    hosts: int
+    hours: int | None = None
+    """Hours of the month to generate and snapshot, from its start; ``None``: all of them."""
+    ingest_tenants: int
+    ingest_hosts_per_tenant: int
+    ingest_hours: int
+    ingest_posts_per_host_hour: int
+    """At most 60: one post a minute, as an agent does."""
+    metrics_per_post: int = 100
+    posts_per_call: int = 1000
+    """Posts per :meth:`UsageRecorder.record` call (one transaction) in the batched sample."""
+    single_posts: int = 100
+    """Posts sent one per call (one transaction each): the latency of a lone post."""
+
+    @property
+    def ingest_posts(self) -> int:
+        return (
+            self.ingest_tenants * self.ingest_hosts_per_tenant * self.ingest_hours
+            * self.ingest_posts_per_host_hour
+        )
+
+
+TIERS: dict[str, BenchTier] = {
+    "small": BenchTier(
+        name="small", tenants=20, hosts=200, ingest_tenants=2, ingest_hosts_per_tenant=5,
+        ingest_hours=4, ingest_posts_per_host_hour=50, posts_per_call=500, single_posts=50,
+    ),
+    "medium": BenchTier(
+        name="medium", tenants=2_000, hosts=30_000, ingest_tenants=5, ingest_hosts_per_tenant=20,
+        ingest_hours=10, ingest_posts_per_host_hour=50, posts_per_call=1000, single_posts=500,
+    ),
+}
+
+
