@@ -2,17 +2,21 @@
 
 The local scheduler, the AWS entry points, ``hostmeter run`` and the infrastructure templates
 read (or are tested against) this table.
+
+Each job's body is named by its import path (``"jobs.snapshot_usage:run"``) and imported on first
+use (:attr:`JobSpec.run`): reading the schedule costs nothing, and a process that runs one job
+(an ECS task, a Lambda invocation) imports that job's code and what it needs, not every job's.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from jobs import aggregate_job_logs, billing_jobs, prune_usage, snapshot_usage
 from jobs.runtime.errors import UnknownJob
 from metering.timeutil import floor_hour, month_bounds, previous_period
 
@@ -28,12 +32,23 @@ class JobSpec:
     """EventBridge Scheduler expression, e.g. ``cron(5 * * * ? *)``."""
     timezone: str
     description: str
-    run: Callable[..., dict[str, Any]]
+    body: str | Callable[..., dict[str, Any]]
+    """The job body ``run(ctx, logical_time, **options) -> counts``: its ``"module:function"``
+    import path (the registry's own jobs), or the function itself."""
     key_time: Callable[[datetime, ZoneInfo, Mapping[str, Any]], datetime]
     """Scheduled time (and options) → the normalized start of the window: the ledger key."""
     options: frozenset[str] = frozenset()
     """The ``hostmeter run`` options this job takes (beyond ``--at``)."""
     shardable: bool = False
+
+    @property
+    def run(self) -> Callable[..., dict[str, Any]]:
+        """The job body, imported on first use."""
+        if callable(self.body):
+            return self.body
+        module, _, name = self.body.partition(":")
+        body: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), name)
+        return body
 
 
 def _hour_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> datetime:
@@ -66,7 +81,7 @@ JOBS: dict[str, JobSpec] = {
             schedule="cron(5 * * * ? *)",
             timezone="UTC",
             description="snapshot the previous full hour (+ look-back) into usage_snapshots",
-            run=snapshot_usage.run,
+            body="jobs.snapshot_usage:run",
             key_time=_hour_key,
             options=frozenset({"lookback"}),
         ),
@@ -75,7 +90,7 @@ JOBS: dict[str, JobSpec] = {
             schedule="cron(0 3 1 * ? *)",
             timezone="Asia/Tokyo",
             description="close the previous month: draft invoices for every paying tenant",
-            run=billing_jobs.close,
+            body="jobs.billing_jobs:close",
             key_time=_month_key,
             options=frozenset({"period", "tenants", "dry_run"}),
             shardable=True,
@@ -85,7 +100,7 @@ JOBS: dict[str, JobSpec] = {
             schedule="cron(0 3 4 * ? *)",
             timezone="Asia/Tokyo",
             description="make the previous month's draft invoices final",
-            run=billing_jobs.finalize,
+            body="jobs.billing_jobs:finalize",
             key_time=_month_key,
             options=frozenset({"period", "tenants", "dry_run"}),
         ),
@@ -94,7 +109,7 @@ JOBS: dict[str, JobSpec] = {
             schedule="rate(5 minutes)",
             timezone="UTC",
             description="read new job-log lines into job metrics; export to Mackerel/Prometheus",
-            run=aggregate_job_logs.run,
+            body="jobs.aggregate_job_logs:run",
             key_time=_five_minute_key,
         ),
         JobSpec(
@@ -102,7 +117,7 @@ JOBS: dict[str, JobSpec] = {
             schedule="cron(30 4 * * ? *)",
             timezone="UTC",
             description="delete recorded usage past retention (snapshotted whole months only)",
-            run=prune_usage.run,
+            body="jobs.prune_usage:run",
             key_time=_day_key,
         ),
     )

@@ -18,12 +18,11 @@ from billing.catalog import catalog_for
 from billing.service import limits_for
 from jobs.runtime.context import JobContext
 from metering.retention import frozen_hours
-from metering.snapshot import MetricLimits, snapshot_hours
+from metering.snapshot import DEFAULT_LOOKBACK, MetricLimits, snapshot_hours
 from metering.timeutil import HOUR, floor_hour, hours_between, period_of
 
 __all__ = ["DEFAULT_LOOKBACK", "backfill_hours", "run", "window"]
 
-DEFAULT_LOOKBACK = 3
 CHUNK_HOURS = 24
 
 

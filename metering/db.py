@@ -14,7 +14,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from metering.errors import DatabaseError, SchemaOutOfDate
@@ -156,10 +155,16 @@ def check_connection(engine: Engine) -> None:
 
 
 def _insert(conn: Connection, table: sa.Table) -> Any:
+    # The dialect modules are imported here, not with this module: a process imports only the
+    # backend it talks to (its engine has already loaded it), and importing metering stays cheap.
     name = conn.dialect.name
     if name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         return postgresql.insert(table)
     if name == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
         return sqlite.insert(table)
     raise DatabaseError(f"unsupported database backend {name!r} (use SQLite or PostgreSQL)")
 

@@ -36,7 +36,12 @@ from metering import models as m
 from metering.db import UTCDateTime, upsert
 from metering.timeutil import HOUR, floor_hour, hours_between
 
-__all__ = ["MetricLimits", "SnapshotResult", "missing_hours", "snapshot_hour", "snapshot_hours"]
+__all__ = ["DEFAULT_LOOKBACK", "MetricLimits", "SnapshotResult", "missing_hours", "snapshot_hour",
+           "snapshot_hours"]
+
+DEFAULT_LOOKBACK = 3
+"""Earlier hours the hourly trigger snapshots again, besides the hour that just ended, to take in
+posts that arrived late (``snapshot-usage --lookback``)."""
 
 SNAPSHOT_LOCK_KEY = 0x686D5F736E70  # "hm_snp"
 

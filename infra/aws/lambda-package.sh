@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the deployment package of the aggregate-job-logs Lambda function (handler
-# jobs.triggers.aws_lambda.handler, runtime python3.11, x86_64): hostmeter and its dependencies as Linux
-# wheels, zipped. boto3 is not included: the Lambda Python runtime provides it (and its
+# jobs.triggers.aws_lambda.handler, runtime python3.11, x86_64): hostmeter and its dependencies
+# as Linux wheels, zipped. boto3 is not included: the Lambda Python runtime provides it (and its
 # botocore needs python-dateutil < 3, so the package keeps to that).
 #
 #   bash infra/aws/lambda-package.sh [OUT.zip]      (default: dist/hostmeter-lambda.zip)

@@ -22,16 +22,25 @@ __all__ = ["bench_command"]
               help="Month to generate and snapshot (in the billing time zone).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the JSON document to FILE.")
-def bench_command(tier: str, period: str, out_path: Path | None) -> None:
-    """Time ingest and a month of snapshots on a generated fleet; print JSON.
+@click.option("--startup-repeats", type=click.IntRange(0, 100), default=7, show_default=True,
+              help="Times each start-up path is run (hostmeter --help, the Lambda handler's "
+                   "import, a scheduled run) beside the floor; 0 skips it.")
+@click.option("--startup-only", is_flag=True,
+              help="Only time start-up (in a scratch directory); the database is not touched.")
+def bench_command(tier: str, period: str, out_path: Path | None, startup_repeats: int,
+                  startup_only: bool) -> None:
+    """Time start-up, ingest, a month of snapshots and the close on a generated fleet; print
+    JSON.
 
     \b
     WRITES INTO THE CONFIGURED DATABASE: a synthetic fleet (tenants bench-*),
     replacing the previous bench data. Refuses a database that holds any
     other tenant. Exit 1 when a correctness check fails.
+    --startup-only writes nothing there.
     """
     from jobs.cli.console import progress
     from jobs.synthetic.bench.report import run_bench
+    from jobs.synthetic.bench.startup import time_startup
     from metering.errors import InvalidWindow
     from metering.timeutil import parse_period
 
@@ -39,18 +48,26 @@ def bench_command(tier: str, period: str, out_path: Path | None) -> None:
         parse_period(period)  # a bad period fails before any work
     except InvalidWindow as exc:
         fail(str(exc), EXIT_BAD_INPUT)
+    if startup_only:
+        startup = time_startup(repeats=max(1, startup_repeats), progress_factory=progress)
+        _emit({"bench": "hostmeter", "startup": startup.as_dict()}, out_path)
+        return
     state = current_state()
     try:
         report = run_bench(state.engine(), state.settings, TIERS[tier], period=period,
-                           progress_factory=progress)
+                           progress_factory=progress, startup_repeats=startup_repeats)
     except BenchRefused as exc:
         fail(str(exc), EXIT_BAD_INPUT)
-    text = json.dumps(report.as_dict(), indent=2)
-    click.echo(text)
-    if out_path is not None:
-        out_path.write_text(text + "\n", encoding="utf-8")
+    _emit(report.as_dict(), out_path)
     if not report.ok:
         failed = [c.name for c in report.checks if not c.ok]
         if report.snapshot.status != "succeeded":
             failed.insert(0, f"snapshot-usage {report.snapshot.status}: {report.snapshot.error}")
         fail("bench checks failed: " + "; ".join(failed), EXIT_FAILED)
+
+
+def _emit(document: dict[str, object], out_path: Path | None) -> None:
+    text = json.dumps(document, indent=2)
+    click.echo(text)
+    if out_path is not None:
+        out_path.write_text(text + "\n", encoding="utf-8")

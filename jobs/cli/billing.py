@@ -6,21 +6,18 @@ import csv
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from billing import repository as repo
-from billing.documents import CSV_COLUMNS, csv_rows, period_document
-from billing.rules import format_money
-from billing.service import BillingOutcome
-from jobs import billing_jobs
 from jobs.cli.console import err, out, print_table
 from jobs.cli.errors import EXIT_FAILED, Group, fail, raise_known
 from jobs.cli.state import current_state, parse_at
-from jobs.runtime.context import JobContext, run_job
-from metering.db import reading
 from metering.timeutil import month_bounds
+
+if TYPE_CHECKING:  # the billing code is imported by the commands that run it
+    from billing.repository import StoredInvoice
+    from billing.service import BillingOutcome
 
 __all__ = ["billing_group"]
 
@@ -52,14 +49,19 @@ def _format_option(*choices: str) -> Callable[[Callable[..., Any]], Callable[...
                         show_default=True)
 
 
-def _run(name: str, body: Callable[..., dict[str, Any]], period: str, *, at: str | None,
-         fmt: str, **options: Any) -> BillingOutcome:
+def _run(name: str, body: str, period: str, *, at: str | None, fmt: str,
+         **options: Any) -> BillingOutcome:
+    """Run ``jobs.billing_jobs.<body>`` for ``period`` under job telemetry and print it."""
+    from jobs import billing_jobs
+    from jobs.runtime.context import JobContext, run_job
+
     state = current_state()
     month_bounds(period, state.settings.zone)  # a bad period fails before any work
     engine = state.engine()
     ctx = JobContext(engine=engine, settings=state.settings, trigger="manual")
     sink: list[BillingOutcome] = []
-    result = run_job(name, body, ctx, parse_at(at), period=period, outcomes=sink, **options)
+    result = run_job(name, getattr(billing_jobs, body), ctx, parse_at(at), period=period,
+                     outcomes=sink, **options)
     raise_known(result.exception)
     if result.exception is not None:
         fail(f"{name} failed: {result.error}", EXIT_FAILED)
@@ -140,7 +142,7 @@ def close_cmd(period: str, tenants: tuple[str, ...], dry_run: bool, at: str | No
     Closing again writes nothing; a tenant whose usage changed since its invoice
     was written is listed as stale (use `billing rerun`).
     """
-    _run("close-billing-period", billing_jobs.close, period, at=at, fmt=fmt, tenants=tenants,
+    _run("close-billing-period", "close", period, at=at, fmt=fmt, tenants=tenants,
          dry_run=dry_run)
 
 
@@ -163,7 +165,7 @@ def rerun_cmd(period: str, tenants: tuple[str, ...], dry_run: bool, reason: str 
     changed final    the final invoice stays as it is; a new draft revision
                      carries an adjustment of exactly the difference
     """
-    _run("close-billing-period", billing_jobs.rerun, period, at=at, fmt=fmt, tenants=tenants,
+    _run("close-billing-period", "rerun", period, at=at, fmt=fmt, tenants=tenants,
          dry_run=dry_run, reason=reason)
 
 
@@ -174,7 +176,7 @@ def rerun_cmd(period: str, tenants: tuple[str, ...], dry_run: bool, reason: str 
 @_format_option("table", "json")
 def finalize_cmd(period: str, tenants: tuple[str, ...], dry_run: bool, fmt: str) -> None:
     """Make the period's draft invoices final. Final invoices never change again."""
-    _run("finalize-invoices", billing_jobs.finalize, period, at=None, fmt=fmt, tenants=tenants,
+    _run("finalize-invoices", "finalize", period, at=None, fmt=fmt, tenants=tenants,
          dry_run=dry_run)
 
 
@@ -184,6 +186,10 @@ def finalize_cmd(period: str, tenants: tuple[str, ...], dry_run: bool, fmt: str)
 @_format_option("table", "json", "csv")
 def show_cmd(period: str, tenants: tuple[str, ...], fmt: str) -> None:
     """Show every revision of the period's invoices (with lines and adjustments)."""
+    from billing import repository as repo
+    from billing.documents import CSV_COLUMNS, csv_rows, period_document
+    from metering.db import reading
+
     state = current_state()
     month_bounds(period, state.settings.zone)
     engine = state.engine()
@@ -202,7 +208,9 @@ def show_cmd(period: str, tenants: tuple[str, ...], fmt: str) -> None:
     print_invoices(period, invoices)
 
 
-def print_invoices(period: str, invoices: list[repo.StoredInvoice]) -> None:
+def print_invoices(period: str, invoices: list[StoredInvoice]) -> None:
+    from billing.rules import format_money
+
     rows = []
     for inv in invoices:
         adj = ""

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import click
 
-from jobs import aggregate_job_logs
 from jobs.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, Group, fail
 from jobs.cli.state import current_state
-from jobs.runtime.context import JobContext, run_job
 
 __all__ = ["dashboard_command", "metrics_group"]
 
@@ -42,6 +40,9 @@ def aggregate_cmd(logs: tuple[str, ...], log_groups: tuple[str, ...], exports: t
 
     The lines come from JSON log files, or from CloudWatch Logs groups (where ECS and Lambda
     put the jobs' stderr on AWS), each read from its own checkpoint."""
+    from jobs import aggregate_job_logs
+    from jobs.runtime.context import JobContext, run_job
+
     for path in logs:
         if not Path(path).exists():
             fail(f"--logs {path}: no such file or directory", EXIT_BAD_INPUT)

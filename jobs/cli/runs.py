@@ -10,21 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobs import registry, snapshot_usage
+from jobs import registry
 from jobs.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, fail, raise_known
 from jobs.cli.state import current_state, parse_at
-from jobs.runtime.context import JobContext, run_job
 from jobs.runtime.ledger import RUN_STATUSES
-from jobs.triggers.runner import (
-    DEFAULT_WAIT_S,
-    RunRequest,
-    Shard,
-    execute,
-    failed_keys,
-    last_success,
-    list_runs,
-    parse_shard,
-)
+from jobs.runtime.locks import DEFAULT_WAIT_S
+from metering.snapshot import DEFAULT_LOOKBACK
 from metering.timeutil import floor_hour, month_bounds
 
 if TYPE_CHECKING:
@@ -64,13 +55,12 @@ def _finish(result: JobResult, fmt: str = "table") -> None:
               "ended partial.")
 @click.option("--trigger", type=click.Choice(["manual", "schedule", "retry"]), default="manual",
               show_default=True, help="Recorded in the ledger (EventBridge passes schedule).")
-@click.option("--lookback", type=click.IntRange(0, 48), default=snapshot_usage.DEFAULT_LOOKBACK,
+@click.option("--lookback", type=click.IntRange(0, 48), default=DEFAULT_LOOKBACK,
               show_default=True, help="snapshot-usage: earlier hours to re-snapshot.")
 @click.option("--wait", "wait_s", type=click.FloatRange(0), default=DEFAULT_WAIT_S,
               show_default=True, help="Seconds to wait for a run of the same key to finish.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ...],
-
             shard: str | None, dry_run: bool, force: bool, retry_failed: bool, trigger: str,
             lookback: int, wait_s: float, fmt: str) -> None:
     """Run JOB once for the logical time --at (what EventBridge Scheduler runs).
@@ -86,6 +76,9 @@ def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ..
     trigger for a key that is running waits for it; a run killed mid-way is
     retried by the next trigger. --dry-run and --tenant runs are not recorded.
     """
+    from jobs.runtime.context import JobContext, run_job
+    from jobs.triggers.runner import RunRequest, Shard, execute, parse_shard
+
     spec = registry.get(job)
     if retry_failed:
         if at or period or tenants or shard or dry_run or force:
@@ -124,6 +117,8 @@ def run_cmd(job: str, at: str | None, period: str | None, tenants: tuple[str, ..
 
 
 def _retry_failed(job: str, wait_s: float, fmt: str) -> None:
+    from jobs.triggers.runner import execute, failed_keys
+
     engine = current_state().engine()
     settings = current_state().settings
     requests = failed_keys(engine, job, settings.zone)
@@ -166,6 +161,7 @@ def scheduler_cmd(misfire_grace: int) -> None:
     each job's last success are caught up (bounded: the last 48 hourly runs, 3
     monthly ones). Every fire goes through the run ledger like `hostmeter run`.
     """
+    from jobs.triggers.runner import RunRequest, execute, last_success
     from jobs.triggers.scheduler import LocalScheduler
 
     engine = current_state().engine()
@@ -191,6 +187,7 @@ def scheduler_cmd(misfire_grace: int) -> None:
 def runs_cmd(job: str | None, status: str | None, limit: int, fmt: str) -> None:
     """The run ledger, newest first: one row per attempt of a job for a key."""
     from jobs.cli.console import print_table
+    from jobs.triggers.runner import list_runs
 
     if job is not None:
         registry.get(job)
@@ -221,6 +218,8 @@ def _duration(row: dict[str, Any]) -> str:
 def backfill(job: str, start: str, end: str, fmt: str) -> None:
     """Run JOB for every hour in [--from, --to) (snapshot-usage)."""
     from jobs.cli.console import progress
+    from jobs.snapshot_usage import backfill_hours
+    from jobs.triggers.runner import RunRequest, execute
 
     spec = registry.get(job)
     if spec.name != "snapshot-usage":
@@ -232,7 +231,7 @@ def backfill(job: str, start: str, end: str, fmt: str) -> None:
                  "hours [--from, --to)", EXIT_BAD_INPUT)
     if b <= a:
         fail(f"--to {end} must be after --from {start}", EXIT_BAD_INPUT)
-    hours = snapshot_usage.backfill_hours(a, b)
+    hours = backfill_hours(a, b)
     engine = current_state().engine()
     with progress("snapshot-usage", len(hours)) as update:
         outcome = execute(engine, current_state().settings, RunRequest(

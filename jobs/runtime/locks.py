@@ -29,10 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-import structlog
 from sqlalchemy.engine import Engine
 
-__all__ = ["key_lock"]
+__all__ = ["DEFAULT_WAIT_S", "key_lock"]
+
+DEFAULT_WAIT_S = 900.0
+"""How long a trigger waits for the lock of a key that another run holds, unless told otherwise
+(``hostmeter run --wait``; the Lambda handler has its own, shorter default)."""
 
 _POLL_S = 0.2
 _LOCAL: dict[str, threading.Lock] = {}
@@ -67,6 +70,8 @@ def _pg_lock(engine: Engine, key: str, wait_s: float) -> Iterator[bool]:
                                  {"a": a, "b": b})
                 except sa.exc.DBAPIError:
                     # The session is gone, and the server dropped its locks with it.
+                    import structlog
+
                     structlog.get_logger("hostmeter.locks").warning(
                         "lock_connection_lost", key=key)
     finally:

@@ -35,7 +35,7 @@ from jobs import registry
 from jobs.runtime.context import JobContext, new_run_id, run_job
 from jobs.runtime.errors import BadTrigger
 from jobs.runtime.ledger import job_runs
-from jobs.runtime.locks import key_lock
+from jobs.runtime.locks import DEFAULT_WAIT_S, key_lock
 from metering.db import reading
 from metering.settings import Settings
 from metering.timeutil import period_of
@@ -51,7 +51,6 @@ __all__ = [
     "parse_shard",
 ]
 
-DEFAULT_WAIT_S = 900.0
 log = structlog.get_logger("hostmeter.runner")
 
 

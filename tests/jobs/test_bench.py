@@ -198,11 +198,12 @@ def test_command_prints_json_and_saves_it(
 ) -> None:
     monkeypatch.setitem(bench.TIERS, "small", dataclasses.replace(TINY, name="small"))
     out = tmp_path / "bench.json"
-    result = _invoke(db_url, "--tier", "small", "--out", str(out))
+    result = _invoke(db_url, "--tier", "small", "--out", str(out), "--startup-repeats", "0")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert json.loads(out.read_text()) == doc
     assert doc["ok"] is True and doc["tier"] == "small"
+    assert doc["startup"] is None
     assert doc["database"] == db.redact_url(db_url)
     _figures(doc)
 
@@ -225,4 +226,26 @@ def test_command_rejects_a_bad_period_and_tier(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "period '2026-13' is not a month" in result.stderr
     assert _invoke(url, "--tier", "huge").exit_code == 2
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_startup_only_times_every_path_beside_its_floor_and_touches_no_database(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    result = _invoke(url, "--startup-only", "--startup-repeats", "1")
+    assert result.exit_code == 0, result.output
+    startup = json.loads(result.stdout)["startup"]
+    paths = startup["paths"]
+    assert set(paths) == {"floor", "help", "lambda_import", "run", "lambda_invoke"}
+    floor = paths["floor"]["median_s"]
+    for name, figures in paths.items():
+        assert figures["median_s"] > 0, name
+        assert figures["ratio"] == pytest.approx(figures["median_s"] / floor, abs=0.02), name
+    # what each path imported is measured, not assumed: --help needs none of the heavy ones,
+    # the Lambda handler none of the job-metrics pipeline's
+    assert paths["help"]["heavy_imports"] == []
+    assert not {"pandas", "numpy", "httpx", "prometheus_client", "boto3", "apscheduler"} & set(
+        paths["lambda_import"]["heavy_imports"])
+    assert set(startup["goal_met"]) == {"help", "lambda_import"}
     assert not (tmp_path / "never.db").exists()

@@ -219,12 +219,12 @@ def test_a_partial_run_is_retried_by_the_next_trigger(engine: Engine, db_url: st
     spec = registry.JOBS["close-billing-period"]
     monkeypatch.setitem(registry.JOBS, "close-billing-period",
                         registry.JobSpec(**{**{f: getattr(spec, f) for f in spec.__slots__},
-                                            "run": failing_close}))
+                                            "body": failing_close}))
     first = execute(engine, settings, RunRequest(job="close-billing-period", scheduled_time=at))
     assert (first.status, first.exit_code, first.counts["tenants_failed"]) == ("partial", 1, 1)
     monkeypatch.setitem(registry.JOBS, "close-billing-period",
                         registry.JobSpec(**{**{f: getattr(spec, f) for f in spec.__slots__},
-                                            "run": real_close}))
+                                            "body": real_close}))
     [retry] = failed_keys(engine, "close-billing-period", ZONE)  # what --retry-failed runs
     assert (retry.trigger, retry.scheduled_time, dict(retry.options)) == (
         "retry", at, {"period": PERIOD})

@@ -23,6 +23,7 @@ from jobs.synthetic.bench.measure import (
     time_ingest,
     time_snapshots,
 )
+from jobs.synthetic.bench.startup import StartupTiming, time_startup
 from jobs.synthetic.bench.tiers import DEFAULT_PERIOD, BenchTier, Progress, no_progress
 from metering import db
 from metering import models as m
@@ -51,6 +52,7 @@ class BenchReport:
     close: CloseTiming | None
     checks: list[Check]
     database_counts: dict[str, int]
+    startup: StartupTiming | None = None
 
     @property
     def ok(self) -> bool:
@@ -83,6 +85,7 @@ class BenchReport:
             "close": self.close.as_dict() if self.close else None,
             "counts": self.database_counts,
             "checks": {c.name: {"ok": c.ok, **c.details} for c in self.checks},
+            "startup": self.startup.as_dict() if self.startup else None,
         }
 
 
@@ -100,8 +103,11 @@ def run_bench(
     *,
     period: str = DEFAULT_PERIOD,
     progress_factory: Progress = no_progress,
+    startup_repeats: int = 0,
 ) -> BenchReport:
-    """Generate ``tier``'s fleet in ``engine``'s database, time ingest and snapshots, check.
+    """Generate ``tier``'s fleet in ``engine``'s database, time ingest and snapshots, check;
+    with ``startup_repeats``, then time the entry points' start-up
+    (:mod:`jobs.synthetic.bench.startup`).
 
     Raises :class:`BenchRefused` (nothing written) when the database holds non-bench tenants.
     """
@@ -132,12 +138,14 @@ def run_bench(
             sa.select(sa.func.count()).select_from(us).where(us.c.hour >= start, us.c.hour < end)
         ).scalar_one())
         conn.rollback()
+    startup = (time_startup(repeats=startup_repeats, progress_factory=progress_factory)
+               if startup_repeats else None)
     report = BenchReport(
         tier=tier, period=period, billing_tz=settings.billing_tz,
         database=db.redact_url(str(engine.url)), backend=engine.dialect.name,
         server_version=_server_version(engine), start=start, end=end, generated=generated,
         ingest=ingest, ingest_single=single, snapshot=snapshot, close=close, checks=checks,
-        database_counts=counts,
+        database_counts=counts, startup=startup,
     )
     structlog.get_logger("hostmeter.bench").info(
         "bench_finished", tier=tier.name, backend=report.backend, ok=report.ok,
