@@ -105,3 +105,14 @@ def test_importing_an_entry_point_does_not_import_pandas(module: str, allowed: s
     imported = set(json.loads(result.stdout))
     assert "pandas" not in imported
     assert imported <= allowed, f"{module} imports {sorted(imported - allowed)}"
+
+
+def test_every_registered_job_body_resolves_to_its_job_module() -> None:
+    """The registry names job bodies by import path; a typo would only show when the job runs."""
+    from jobs import registry
+
+    for spec in registry.JOBS.values():
+        assert isinstance(spec.body, str), spec.name
+        module, _, name = spec.body.partition(":")
+        assert module.startswith("jobs.") and module.count(".") == 1, spec.body
+        assert callable(spec.run) and spec.run.__name__ == name, spec.name

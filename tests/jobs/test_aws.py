@@ -237,7 +237,7 @@ def test_a_partial_run_raises(engine: Engine, monkeypatch: pytest.MonkeyPatch) -
         return {"status": "partial", "tenants_processed": 1, "tenants_failed": 1}
 
     spec = registry.JOBS["snapshot-usage"]
-    monkeypatch.setitem(registry.JOBS, "snapshot-usage", dataclasses.replace(spec, run=half_done))
+    monkeypatch.setitem(registry.JOBS, "snapshot-usage", dataclasses.replace(spec, body=half_done))
     with pytest.raises(JobFailed, match=r"^snapshot-usage partial: run \w+ .*tenants_failed=1$"):
         invoke(scheduler("snapshot-usage", T))
     assert [r["status"] for r in ledger(engine)] == ["partial"]
