@@ -1,0 +1,11 @@
+"""The fault suite: every test here is marked ``faults`` (run it alone with ``pytest -m faults``)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/faults/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.faults)
