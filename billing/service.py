@@ -8,7 +8,9 @@
   usage ``prune-usage`` has deleted: their snapshots are final), recomputes and, per
   tenant: unchanged → nothing; changed draft → revision n+1 (draft) and n becomes void; changed
   final → the final stays untouched, a new draft revision carries an adjustment (the signed
-  difference against the final). Adjusting a final needs a reason.
+  difference against the final). Adjusting a final needs a reason (blank text is none); a rerun
+  refused for want of one writes nothing, not even the re-snapshotted hours, and a dry run
+  needs none.
 - :func:`finalize_period` turns every current draft of the period final.
 
 Each tenant is written in its own savepoint: one tenant failing is recorded and the others go on;
@@ -73,8 +75,15 @@ class BillingRequest:
     tenants: tuple[str, ...] = ()
     dry_run: bool = False
     reason: str | None = None
+    """Why a final invoice is adjusted. Blank text is no reason: it is stored as ``None``."""
     owns: Callable[[str], bool] | None = None
     """A shard's share of the tenants (``None``: all of them)."""
+
+    def __post_init__(self) -> None:
+        if self.reason is not None and not self.reason.strip():
+            object.__setattr__(self, "reason", None)
+        elif self.reason is not None:
+            object.__setattr__(self, "reason", self.reason.strip())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -333,8 +342,9 @@ def _bill_tenant(
             revision=next_revision, old=old, new=new,
             adjustment=(rating.total - last_final.total) if last_final else None,
         )
-    # current is final: never touched; a new draft revision carries the difference.
-    if not req.reason:
+    # current is final: never touched; a new draft revision carries the difference. A dry run
+    # shows the adjustment it would write and needs no reason: it writes nothing.
+    if not req.reason and not req.dry_run:
         raise ReasonRequired(
             f"tenant {month.tenant}: the final invoice for {req.period} (revision "
             f"{current.revision}) would be adjusted; give --reason",
@@ -372,8 +382,10 @@ def _run(
 ) -> BillingOutcome:
     catalog = catalog_for(req.period, catalogs)
     everything = action == "rerun"
-    if req.dry_run:
-        with _transaction(engine, dry_run=True) as conn:
+    if req.dry_run or action == "rerun":
+        # One transaction: a dry run rolls it all back, and a rerun refused (a final invoice
+        # to adjust and no reason) leaves the month's snapshots as they were too.
+        with _transaction(engine, dry_run=req.dry_run) as conn:
             rebuilt = _rebuild(conn, req, catalog, everything=everything)
             return _bill(conn, req, catalog, action=action, rebuilt=rebuilt, rate_fn=rate_fn)
     with _transaction(engine, dry_run=False) as conn:

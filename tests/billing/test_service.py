@@ -207,6 +207,39 @@ def test_rerun_revises_drafts_and_adjusts_finals(engine: Engine,
     assert [t.action for t in rerun_period(engine, request()).tenants] == ["unchanged"]
 
 
+def test_a_rerun_refused_for_want_of_a_reason_changes_nothing(
+    engine: Engine, recorder: UsageRecorder
+) -> None:
+    recorder.record(fleet("a", 1))
+    close_period(engine, request())
+    finalize_period(engine, request())
+    recorder.record(fleet("a", 2))  # the month's usage changed after the final invoice
+    before = dump(engine)
+    for reason in (None, "", "   \t"):  # blank text is no reason
+        with pytest.raises(ReasonRequired):
+            rerun_period(engine, request(reason=reason))
+        assert dump(engine) == before  # not even the re-snapshotted hours
+
+
+def test_a_dry_run_rerun_of_a_final_month_needs_no_reason(
+    engine: Engine, recorder: UsageRecorder
+) -> None:
+    recorder.record(fleet("a", 1))
+    close_period(engine, request())
+    finalize_period(engine, request())
+    recorder.record(fleet("a", 2))
+    before = dump(engine)
+    out = rerun_period(engine, request(dry_run=True))
+    assert [(t.action, t.adjustment) for t in out.tenants] == [("adjusted", 1833)]
+    assert dump(engine) == before
+    out = rerun_period(engine, request(reason="  second host was missing  "))
+    assert [(t.action, t.adjustment) for t in out.tenants] == [("adjusted", 1833)]
+    with engine.connect() as conn:
+        reasons = conn.execute(sa.select(bm.billing_runs.c.reason)
+                               .where(bm.billing_runs.c.action == "rerun")).scalars().all()
+    assert reasons == ["second host was missing"]
+
+
 def test_rerun_of_selected_tenants_only(engine: Engine, recorder: UsageRecorder) -> None:
     recorder.record(fleet("a", 1) + fleet("b", 1))
     close_period(engine, request())
