@@ -1,4 +1,4 @@
-"""The fault suite: every test here is marked ``faults`` (run it alone with ``pytest -m faults``)."""
+"""The fault suite: every test here is marked ``faults`` (``pytest -m faults`` runs it alone)."""
 
 from __future__ import annotations
 
