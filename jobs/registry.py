@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -40,6 +40,9 @@ class JobSpec:
     options: frozenset[str] = frozenset()
     """The ``hostmeter run`` options this job takes (beyond ``--at``)."""
     shardable: bool = False
+    max_runtime: timedelta = timedelta(hours=1)
+    """How long a run may take before it counts as overdue (its ledger ``deadline``): far above
+    a normal run, well below the time an operator would want to hear about a stuck one."""
 
     @property
     def run(self) -> Callable[..., dict[str, Any]]:
@@ -84,6 +87,7 @@ JOBS: dict[str, JobSpec] = {
             body="jobs.snapshot_usage:run",
             key_time=_hour_key,
             options=frozenset({"lookback"}),
+            max_runtime=timedelta(minutes=30),
         ),
         JobSpec(
             name="close-billing-period",
@@ -94,6 +98,7 @@ JOBS: dict[str, JobSpec] = {
             key_time=_month_key,
             options=frozenset({"period", "tenants", "dry_run"}),
             shardable=True,
+            max_runtime=timedelta(hours=2),
         ),
         JobSpec(
             name="finalize-invoices",
@@ -103,6 +108,7 @@ JOBS: dict[str, JobSpec] = {
             body="jobs.billing_jobs:finalize",
             key_time=_month_key,
             options=frozenset({"period", "tenants", "dry_run"}),
+            max_runtime=timedelta(minutes=30),
         ),
         JobSpec(
             name="aggregate-job-logs",
@@ -111,6 +117,7 @@ JOBS: dict[str, JobSpec] = {
             description="read new job-log lines into job metrics; export to Mackerel/Prometheus",
             body="jobs.aggregate_job_logs:run",
             key_time=_five_minute_key,
+            max_runtime=timedelta(minutes=5),
         ),
         JobSpec(
             name="prune-usage",
@@ -119,6 +126,7 @@ JOBS: dict[str, JobSpec] = {
             description="delete recorded usage past retention (snapshotted whole months only)",
             body="jobs.prune_usage:run",
             key_time=_day_key,
+            max_runtime=timedelta(hours=1),
         ),
     )
 }

@@ -2,8 +2,9 @@
 
 ``status`` moves ``running`` → ``succeeded | partial | failed``; a trigger for a key that already
 succeeded is recorded as ``skipped``. A ``running`` row whose process died (the key's lock is
-free again) is marked ``failed`` with ``error='abandoned: …'`` by the next trigger, which then
-retries.
+free again) is marked ``failed`` with ``error='abandoned: …'`` by the next trigger of its key,
+or by a retry pass (``hostmeter run --retry-failed``, ``hostmeter retry-failed``, the local
+scheduler), which then runs the key again.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ job_runs = sa.Table(
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started_at", UTCDateTime, nullable=False),
     sa.Column("finished_at", UTCDateTime, nullable=True),
+    sa.Column("deadline", UTCDateTime, nullable=True),
     sa.CheckConstraint(
         "status IN ('running', 'succeeded', 'partial', 'failed', 'skipped')", name="status"
     ),
@@ -42,4 +44,8 @@ job_runs = sa.Table(
     ),
     sa.Index("ix_job_runs_key", "job", "logical_time", "shard"),
     sa.Index("ix_job_runs_started_at", "started_at"),
+    sa.Index("ix_job_runs_status", "status"),
 )
+"""``deadline``: when a run is expected to have finished (its start plus the job's bound in the
+registry); a run still ``running`` after it is reported (``hostmeter runs --overdue``) and
+alerted on."""

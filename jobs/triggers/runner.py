@@ -14,6 +14,16 @@ of its window) plus the shard make the ledger key. Under the key's lock (see
 
 A second trigger for a key that is running waits for the lock (``wait_s``) and then, finding the
 first run's success, records ``skipped``; two runs of one key never overlap.
+
+A run killed mid-way (SIGKILL, an OOM kill, an ECS task stopped by a deploy) leaves a
+``running`` row and frees its lock. Nothing else may depend on the next trigger of the same key
+(a monthly job's next trigger is next month's key), so :func:`reap_abandoned` finds such rows —
+``running``, and the key's lock free — and marks them ``failed``; :func:`failed_keys` reaps
+first, so ``--retry-failed``, ``hostmeter retry-failed`` (scheduled on AWS) and the local
+scheduler's retry pass all run those keys again, each at most ``max_attempts`` times when given.
+Every run also records a ``deadline`` (its start plus the job's ``max_runtime``): a run still
+``running`` after it is overdue (:func:`overdue_runs`), which the job metrics export and an
+alert watches.
 """
 
 from __future__ import annotations
@@ -48,7 +58,10 @@ __all__ = [
     "failed_keys",
     "last_success",
     "list_runs",
+    "overdue_runs",
     "parse_shard",
+    "reap_abandoned",
+    "retry_failed",
 ]
 
 log = structlog.get_logger("hostmeter.runner")
@@ -127,6 +140,12 @@ def _identity() -> tuple[str, int]:
     return socket.gethostname(), os.getpid()
 
 
+def _lock_key(job: str, key_time: datetime, shard: str) -> str:
+    """The key lock's name. UTC, so that it reads the same from the trigger's time (a monthly
+    key is a Tokyo midnight) and from the ledger (which stores UTC)."""
+    return f"{job}|{key_time.astimezone(UTC).isoformat()}|{shard}"
+
+
 def execute(
     engine: Engine,
     settings: Settings,
@@ -147,7 +166,7 @@ def execute(
                          job=spec.name)
     key_time = spec.key_time(req.scheduled_time, settings.zone, req.options)
     shard = str(req.shard)
-    key = f"{spec.name}|{key_time.isoformat()}|{shard}"
+    key = _lock_key(spec.name, key_time, shard)
     run_id = new_run_id()
     host, pid = _identity()
     base = dict(run_id=run_id, job=spec.name, logical_time=key_time,
@@ -183,9 +202,10 @@ def execute(
                             error=f"abandoned: process {r.pid} on {r.host} died mid-run"))
                     log.warning("run_abandoned", job=spec.name, run_id=r.run_id,
                                 logical_time=key_time.isoformat(), shard=shard)
+            started = clock()
             conn.execute(sa.insert(job_runs).values(
                 **base, attempt=attempts + 1, status="running", counts={}, error=None,
-                started_at=clock()))
+                started_at=started, deadline=started + spec.max_runtime))
 
         options = dict(req.options)
         if spec.shardable:
@@ -230,10 +250,49 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def failed_keys(engine: Engine, job: str, zone: ZoneInfo) -> list[RunRequest]:
-    """A retry request for every key of ``job`` whose latest attempt failed or ended partial
-    (and that never succeeded): what ``hostmeter run JOB --retry-failed`` runs."""
+def reap_abandoned(engine: Engine, *, job: str | None = None,
+                   clock: Callable[[], datetime] = _now) -> int:
+    """Mark ``failed`` every ``running`` row (of ``job``, or of every job) whose process is gone:
+    its key's lock is free. A live run holds its lock, so it is never touched; a run that
+    finishes meanwhile is no longer ``running`` and is left as it ended. Returns how many rows
+    were marked."""
+    q = (sa.select(job_runs.c.run_id, job_runs.c.job, job_runs.c.logical_time,
+                   job_runs.c.shard, job_runs.c.host, job_runs.c.pid)
+         .where(job_runs.c.status == "running"))
+    if job is not None:
+        q = q.where(job_runs.c.job == job)
+    with reading(engine) as conn:
+        rows = conn.execute(q).all()
+    reaped = 0
+    for r in rows:
+        with key_lock(engine, _lock_key(r.job, r.logical_time, r.shard), wait_s=0) as free:
+            if not free:  # its process holds the lock: alive
+                continue
+            with engine.begin() as conn:
+                reaped += conn.execute(
+                    sa.update(job_runs)
+                    .where(job_runs.c.run_id == r.run_id, job_runs.c.status == "running")
+                    .values(status="failed", finished_at=clock(),
+                            error=f"abandoned: process {r.pid} on {r.host} died mid-run")
+                ).rowcount
+        log.warning("run_abandoned", job=r.job, run_id=r.run_id,
+                    logical_time=r.logical_time.isoformat(), shard=r.shard, pid=r.pid,
+                    host=r.host)
+    return reaped
+
+
+def failed_keys(engine: Engine, job: str, zone: ZoneInfo, *,
+                max_attempts: int | None = None) -> list[RunRequest]:
+    """A retry request for every key of ``job`` whose latest attempt failed, ended partial or
+    was abandoned (and that never succeeded): what ``hostmeter run JOB --retry-failed`` runs.
+
+    Abandoned runs are reaped first (:func:`reap_abandoned`). With ``max_attempts``, a key that
+    has been attempted that many times is left alone (and logged ``retries_exhausted``): a key
+    that fails for good must not be retried forever; its failed runs stay in the ledger and
+    alert.
+    """
     spec = registry.get(job)
+    reap_abandoned(engine, job=spec.name)
     with reading(engine) as conn:
         rows = conn.execute(
             sa.select(job_runs.c.logical_time, job_runs.c.shard, job_runs.c.status,
@@ -242,22 +301,58 @@ def failed_keys(engine: Engine, job: str, zone: ZoneInfo) -> list[RunRequest]:
             .order_by(job_runs.c.started_at, job_runs.c.run_id)
         ).all()
     latest: dict[tuple[datetime, str], Any] = {}
+    attempts: dict[tuple[datetime, str], int] = {}
     succeeded: set[tuple[datetime, str]] = set()
     for r in rows:
         if r.trigger == "backfill":
             continue
-        latest[(r.logical_time, r.shard)] = r
+        key = (r.logical_time, r.shard)
+        latest[key] = r
+        attempts[key] = attempts.get(key, 0) + 1
         if r.status == "succeeded":
-            succeeded.add((r.logical_time, r.shard))
+            succeeded.add(key)
     out = []
     for key, r in sorted(latest.items()):
-        if r.status in ("failed", "partial") and key not in succeeded:
-            options: dict[str, Any] = {}
-            if "period" in spec.options:
-                options["period"] = period_of(r.logical_time, zone)
-            out.append(RunRequest(job=spec.name, scheduled_time=r.scheduled_time,
-                                  trigger="retry", shard=parse_shard(r.shard), options=options))
+        if r.status not in ("failed", "partial") or key in succeeded:
+            continue
+        if max_attempts is not None and attempts[key] >= max_attempts:
+            log.warning("retries_exhausted", job=spec.name, logical_time=key[0].isoformat(),
+                        shard=key[1], attempts=attempts[key])
+            continue
+        options: dict[str, Any] = {}
+        if "period" in spec.options:
+            options["period"] = period_of(r.logical_time, zone)
+        out.append(RunRequest(job=spec.name, scheduled_time=r.scheduled_time,
+                              trigger="retry", shard=parse_shard(r.shard), options=options))
     return out
+
+
+def retry_failed(
+    engine: Engine,
+    settings: Settings,
+    *,
+    jobs: list[str] | None = None,
+    max_attempts: int | None = None,
+    wait_s: float = DEFAULT_WAIT_S,
+    clock: Callable[[], datetime] = _now,
+) -> list[RunOutcome]:
+    """Run again every failed, partial or abandoned key of ``jobs`` (default: every registered
+    job), oldest first per job: the retry pass of ``hostmeter retry-failed`` and of the local
+    scheduler."""
+    outcomes: list[RunOutcome] = []
+    for name in jobs if jobs is not None else list(registry.JOBS):
+        for req in failed_keys(engine, name, settings.zone, max_attempts=max_attempts):
+            outcomes.append(execute(engine, settings, req, wait_s=wait_s, clock=clock))
+    return outcomes
+
+
+def overdue_runs(engine: Engine, now: datetime) -> list[dict[str, Any]]:
+    """The runs still ``running`` after their deadline (alive or not), oldest first."""
+    q = (sa.select(job_runs).where(job_runs.c.status == "running",
+                                   job_runs.c.deadline < now)
+         .order_by(job_runs.c.started_at))
+    with reading(engine) as conn:
+        return [dict(r) for r in conn.execute(q).mappings().all()]
 
 
 def last_success(engine: Engine, job: str) -> datetime | None:
@@ -285,6 +380,7 @@ def list_runs(engine: Engine, *, job: str | None = None, status: str | None = No
         {**dict(r), "logical_time": r["logical_time"].isoformat(),
          "scheduled_time": r["scheduled_time"].isoformat(),
          "started_at": r["started_at"].isoformat(),
-         "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None}
+         "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+         "deadline": r["deadline"].isoformat() if r["deadline"] else None}
         for r in rows
     ]

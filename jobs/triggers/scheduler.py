@@ -10,6 +10,10 @@ local stand-in for EventBridge Scheduler. What it does:
   at 00:00 UTC whatever the time zone), so fire times never depend on when the process started.
 - On start, :meth:`LocalScheduler.catch_up` fires each job for the fire times it missed since
   its last success (trigger ``"catch-up"``), bounded by :func:`default_catch_up_limit`.
+- With a ``retry`` callable, a retry pass runs after catch-up and then every ``retry_interval``
+  (default 15 minutes): it runs again the keys whose run failed or was killed (the run ledger's
+  :func:`~jobs.triggers.runner.retry_failed`). Catch-up alone would not: it resumes after the
+  last success, and a key killed before a later success is behind it.
 - Then APScheduler fires each job (trigger ``"schedule"``) with ``coalesce=True``,
   ``max_instances=1`` and a misfire grace time. The scheduled time handed to ``fire`` is the
   job's latest fire time at or before the clock when APScheduler calls it, computed from the same
@@ -46,6 +50,7 @@ from jobs.runtime.errors import JobError
 
 __all__ = [
     "DEFAULT_MISFIRE_GRACE_TIME",
+    "DEFAULT_RETRY_INTERVAL",
     "TRIGGER_CATCH_UP",
     "TRIGGER_SCHEDULE",
     "Clock",
@@ -78,6 +83,9 @@ TRIGGER_SCHEDULE = "schedule"
 TRIGGER_CATCH_UP = "catch-up"
 DEFAULT_MISFIRE_GRACE_TIME = 300
 """Seconds a fire may start late and still run (APScheduler ``misfire_grace_time``)."""
+DEFAULT_RETRY_INTERVAL = timedelta(minutes=15)
+"""How often the retry pass runs (when the scheduler is given one)."""
+RETRY_JOB_ID = "retry-failed"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TICK = timedelta(microseconds=1)
@@ -410,7 +418,8 @@ class LocalScheduler:
     parsed here, so a bad one fails before anything runs. ``fire`` runs one job for one
     scheduled time; ``last_success`` tells catch-up where to resume; ``now`` is the clock for
     catch-up and for the scheduled time of each fire. ``trigger_factory`` replaces
-    :func:`parse_schedule` (tests use second-level triggers).
+    :func:`parse_schedule` (tests use second-level triggers). ``retry`` runs the retry pass
+    (after catch-up, then every ``retry_interval``).
     """
 
     def __init__(
@@ -423,8 +432,12 @@ class LocalScheduler:
         misfire_grace_time: int = DEFAULT_MISFIRE_GRACE_TIME,
         catch_up_limit: int | None = None,
         trigger_factory: TriggerFactory = parse_schedule,
+        retry: Callable[[], object] | None = None,
+        retry_interval: timedelta = DEFAULT_RETRY_INTERVAL,
     ) -> None:
         self._fire = fire
+        self._retry = retry
+        self._retry_interval = retry_interval
         self._last_success = last_success
         self._now = now
         self._catch_up_limit = catch_up_limit
@@ -491,6 +504,18 @@ class LocalScheduler:
         firing = Firing(job=name, scheduled_time=latest[0], trigger=TRIGGER_SCHEDULE)
         return firing if self._call(firing, "job_fired", "job_fire_failed") else None
 
+    def retry_pass(self) -> bool:
+        """Run the retry pass once (if there is one); a failure is logged, never raised."""
+        if self._retry is None:
+            return False
+        _log.info("retry_pass_started")
+        try:
+            self._retry()
+        except Exception as exc:  # a failing retry pass must not stop the scheduler
+            _log.error("retry_pass_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            return False
+        return True
+
     def _call(self, firing: Firing, fired: str, failed: str) -> bool:
         fields = {
             "job": firing.job,
@@ -514,6 +539,12 @@ class LocalScheduler:
         """
         cutoff = self._clock()
         self.catch_up(cutoff)
+        if self._retry is not None:
+            self.retry_pass()
+            self._scheduler.add_job(
+                self.retry_pass, trigger=IntervalTrigger(
+                    seconds=self._retry_interval.total_seconds(), timezone=UTC),
+                id=RETRY_JOB_ID, name=RETRY_JOB_ID, replace_existing=True)
         for name, trigger in self._triggers.items():
             upcoming = trigger.get_next_fire_time(None, cutoff + _TICK)
             self._scheduler.add_job(
