@@ -136,8 +136,13 @@ def _exists(resource: Mapping[str, Any], params: Mapping[str, str]) -> bool:
 # ---------------------------------------------------------------- schedules
 
 
+RETRY_SCHEDULE = "RetryFailedSchedule"
+
+
 def _schedules() -> dict[str, dict[str, Any]]:
-    return _resources("AWS::Scheduler::Schedule")
+    """The schedules of registry jobs (the retry pass is checked on its own)."""
+    return {n: r for n, r in _resources("AWS::Scheduler::Schedule").items()
+            if n != RETRY_SCHEDULE}
 
 
 def _command(props: Mapping[str, Any]) -> list[str]:
@@ -220,6 +225,26 @@ def test_every_schedule_fires_on_time_retries_and_dead_letters() -> None:
         assert 0 < retry["MaximumRetryAttempts"] <= 185, name
         assert 60 <= retry["MaximumEventAgeInSeconds"] <= 86400, name
         assert target["DeadLetterConfig"] == {"Arn": {"Fn::GetAtt": [queue, "Arn"]}}, name
+
+
+def test_a_retry_pass_runs_every_15_minutes_like_the_job_schedules() -> None:
+    from jobs.cli.retry import DEFAULT_MAX_ATTEMPTS, retry_failed_cmd
+
+    every = _resources("AWS::Scheduler::Schedule")
+    retry = every[RETRY_SCHEDULE]["Properties"]
+    job_schedule = next(iter(_schedules().values()))["Properties"]
+    assert (retry["ScheduleExpression"], retry["ScheduleExpressionTimezone"]) == (
+        "rate(15 minutes)", "UTC")
+    for key in ("GroupName", "FlexibleTimeWindow", "State"):
+        assert retry[key] == job_schedule[key], key
+    target = retry["Target"]
+    assert target["Arn"] == CLUSTER_ARN
+    assert target["EcsParameters"] == job_schedule["Target"]["EcsParameters"]
+    assert target["DeadLetterConfig"] == job_schedule["Target"]["DeadLetterConfig"]
+    command = _command(retry)
+    assert command == ["retry-failed", "--max-attempts", str(DEFAULT_MAX_ATTEMPTS)]
+    parsed = retry_failed_cmd.make_context("retry-failed", command[1:]).params
+    assert (parsed["jobs"], parsed["max_attempts"]) == ((), DEFAULT_MAX_ATTEMPTS)
 
 
 def test_ecs_schedules_run_the_task_with_the_scheduled_time_in_private_subnets() -> None:
