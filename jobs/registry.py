@@ -43,6 +43,9 @@ class JobSpec:
     max_runtime: timedelta = timedelta(hours=1)
     """How long a run may take before it counts as overdue (its ledger ``deadline``): far above
     a normal run, well below the time an operator would want to hear about a stuck one."""
+    catch_up: bool = True
+    """Whether a lost trigger must be run later (its window is covered by no other run). False
+    for jobs whose every run covers everything since the last one (log aggregation, pruning)."""
 
     @property
     def run(self) -> Callable[..., dict[str, Any]]:
@@ -118,6 +121,7 @@ JOBS: dict[str, JobSpec] = {
             body="jobs.aggregate_job_logs:run",
             key_time=_five_minute_key,
             max_runtime=timedelta(minutes=5),
+            catch_up=False,
         ),
         JobSpec(
             name="prune-usage",
@@ -127,6 +131,7 @@ JOBS: dict[str, JobSpec] = {
             body="jobs.prune_usage:run",
             key_time=_day_key,
             max_runtime=timedelta(hours=1),
+            catch_up=False,
         ),
     )
 }

@@ -21,6 +21,8 @@ A run killed mid-way (SIGKILL, an OOM kill, an ECS task stopped by a deploy) lea
 ``running``, and the key's lock free — and marks them ``failed``; :func:`failed_keys` reaps
 first, so ``--retry-failed``, ``hostmeter retry-failed`` (scheduled on AWS) and the local
 scheduler's retry pass all run those keys again, each at most ``max_attempts`` times when given.
+A trigger lost before it left any row (never delivered, or its task killed while starting) is
+found by :func:`lost_triggers`, the same catch-up the local scheduler does on start.
 Every run also records a ``deadline`` (its start plus the job's ``max_runtime``): a run still
 ``running`` after it is overdue (:func:`overdue_runs`), which the job metrics export and an
 alert watches.
@@ -33,7 +35,7 @@ import socket
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -58,6 +60,7 @@ __all__ = [
     "failed_keys",
     "last_success",
     "list_runs",
+    "lost_triggers",
     "overdue_runs",
     "parse_shard",
     "reap_abandoned",
@@ -327,6 +330,32 @@ def failed_keys(engine: Engine, job: str, zone: ZoneInfo, *,
     return out
 
 
+CATCH_UP_GRACE = timedelta(minutes=10)
+"""A fire time younger than this may still be starting (a task pulling its image, importing):
+the retry pass leaves it to its own trigger."""
+
+
+def lost_triggers(engine: Engine, job: str, zone: ZoneInfo, now: datetime) -> list[RunRequest]:
+    """Catch-up requests for the fire times of ``job`` since its last success (bounded as the
+    local scheduler bounds its catch-up) that left no trace in the ledger at all: a trigger that
+    never arrived, or a task killed before it recorded its run. Only jobs whose window no other
+    run covers (``catch_up``)."""
+    from jobs.triggers.scheduler import missed_fire_times
+
+    spec = registry.get(job)
+    if not spec.catch_up:
+        return []
+    times = missed_fire_times(spec.schedule, spec.timezone, last_success(engine, spec.name),
+                              now - CATCH_UP_GRACE)
+    if not times:
+        return []
+    with reading(engine) as conn:
+        seen = set(conn.execute(sa.select(job_runs.c.logical_time).where(
+            job_runs.c.job == spec.name)).scalars().all())
+    return [RunRequest(job=spec.name, scheduled_time=t, trigger="catch-up") for t in times
+            if spec.key_time(t, zone, {}) not in seen]
+
+
 def retry_failed(
     engine: Engine,
     settings: Settings,
@@ -335,13 +364,17 @@ def retry_failed(
     max_attempts: int | None = None,
     wait_s: float = DEFAULT_WAIT_S,
     clock: Callable[[], datetime] = _now,
+    catch_up: bool = True,
 ) -> list[RunOutcome]:
-    """Run again every failed, partial or abandoned key of ``jobs`` (default: every registered
-    job), oldest first per job: the retry pass of ``hostmeter retry-failed`` and of the local
-    scheduler."""
+    """The retry pass of ``hostmeter retry-failed`` and of the local scheduler: for ``jobs``
+    (default: every registered job), run again every failed, partial or abandoned key
+    (:func:`failed_keys`), then, with ``catch_up``, every lost trigger (:func:`lost_triggers`)."""
     outcomes: list[RunOutcome] = []
     for name in jobs if jobs is not None else list(registry.JOBS):
-        for req in failed_keys(engine, name, settings.zone, max_attempts=max_attempts):
+        requests = failed_keys(engine, name, settings.zone, max_attempts=max_attempts)
+        if catch_up:
+            requests += lost_triggers(engine, name, settings.zone, clock())
+        for req in requests:
             outcomes.append(execute(engine, settings, req, wait_s=wait_s, clock=clock))
     return outcomes
 

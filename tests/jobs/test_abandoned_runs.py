@@ -27,6 +27,7 @@ from jobs.triggers.runner import (
     execute,
     failed_keys,
     list_runs,
+    lost_triggers,
     overdue_runs,
     reap_abandoned,
     retry_failed,
@@ -122,7 +123,7 @@ def test_a_killed_scheduled_run_is_reaped_and_retried_never_a_live_one(
     [retry] = failed_keys(engine, "close-billing-period", ZONE)
     assert (retry.trigger, retry.scheduled_time, dict(retry.options)) == (
         "retry", datetime.fromisoformat(CLOSE_AT), {"period": PERIOD})
-    [outcome] = retry_failed(engine, settings)
+    [outcome] = retry_failed(engine, settings, catch_up=False)
     assert (outcome.job, outcome.status, outcome.attempt) == ("close-billing-period",
                                                               "succeeded", 2)
     assert outcome.counts["invoices_written"] == 3
@@ -131,7 +132,7 @@ def test_a_killed_scheduled_run_is_reaped_and_retried_never_a_live_one(
                                                            ("succeeded", "retry")]
     assert runs[0]["error"].startswith("abandoned: process ")
     assert running(engine) == 0
-    assert retry_failed(engine, settings) == []  # done: nothing left to retry
+    assert retry_failed(engine, settings, catch_up=False) == []  # done: nothing left
 
 
 def test_a_run_is_overdue_after_its_deadline(engine: Engine, db_url: str) -> None:
@@ -162,9 +163,13 @@ def test_retries_stop_at_max_attempts(engine: Engine, db_url: str,
     at = datetime(2026, 2, 10, 10, 5, tzinfo=UTC)
     assert execute(engine, settings, RunRequest(job="snapshot-usage", scheduled_time=at,
                                                 trigger="schedule")).status == "failed"
-    assert [o.attempt for o in retry_failed(engine, settings, max_attempts=3)] == [2]
-    assert [o.attempt for o in retry_failed(engine, settings, max_attempts=3)] == [3]
-    assert retry_failed(engine, settings, max_attempts=3) == []  # exhausted: left to alert
+    def attempts() -> list[int]:
+        return [o.attempt for o in retry_failed(engine, settings, max_attempts=3,
+                                                catch_up=False)]
+
+    assert attempts() == [2]
+    assert attempts() == [3]
+    assert attempts() == []  # exhausted: left failed, to alert
     assert len(failed_keys(engine, "snapshot-usage", ZONE)) == 1  # an operator may still retry
 
 
@@ -201,10 +206,33 @@ def test_retry_failed_command_retries_every_job_within_max_attempts(
     kill(start_stuck_close(db_url, engine))
     done = hostmeter(db_url, tmp_path, "retry-failed", "--max-attempts", "5", "--format", "json")
     assert done.returncode == 0, done.stderr
-    assert [(o["job"], o["status"]) for o in json.loads(done.stdout)] == [
+    outcomes = json.loads(done.stdout)
+    assert [(o["job"], o["status"]) for o in outcomes if o["trigger"] == "retry"] == [
         ("close-billing-period", "succeeded")]
+    # and, at today's clock, the latest fire time of every job that must be caught up
+    assert sorted(o["job"] for o in outcomes if o["trigger"] == "catch-up") == [
+        "close-billing-period", "finalize-invoices", "snapshot-usage"]
     again = hostmeter(db_url, tmp_path, "retry-failed", "--max-attempts", "5")
     assert again.returncode == 0 and "nothing to retry" in again.stdout
+    only = hostmeter(db_url, tmp_path, "retry-failed", "--no-catch-up", "--format", "json")
+    assert only.returncode == 0 and json.loads(only.stdout) == []
+
+
+def test_a_trigger_lost_before_it_left_a_row_is_caught_up(engine: Engine, db_url: str) -> None:
+    settings = Settings(database_url=db_url)
+    UsageRecorder(engine).record(fleet(2))
+    fired = datetime.fromisoformat(CLOSE_AT)
+    # No ledger row: the trigger never arrived, or its task died while starting.
+    young = lost_triggers(engine, "close-billing-period", ZONE, fired + timedelta(minutes=5))
+    assert fired not in [r.scheduled_time for r in young]  # may still be starting
+    [lost] = lost_triggers(engine, "close-billing-period", ZONE, fired + timedelta(hours=1))
+    assert (lost.scheduled_time, lost.trigger) == (fired, "catch-up")
+    assert lost_triggers(engine, "prune-usage", ZONE, fired + timedelta(days=3)) == []
+    [outcome] = retry_failed(engine, settings, jobs=["close-billing-period"],
+                             clock=lambda: fired + timedelta(hours=1))
+    assert (outcome.status, outcome.trigger, outcome.counts["invoices_written"]) == (
+        "succeeded", "catch-up", 2)
+    assert lost_triggers(engine, "close-billing-period", ZONE, fired + timedelta(hours=1)) == []
 
 
 def test_the_local_scheduler_runs_a_retry_pass_on_start_and_on_an_interval() -> None:
