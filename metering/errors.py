@@ -13,11 +13,13 @@ The tree::
     └── InvalidWindow          a time window or instant is malformed (``--at``, ``--from``)
 
 Each error carries its context as keyword arguments, so that a caller (the CLI, a log line) can
-show it without parsing the message.
+show it without parsing the message. A message is one line, and a value it quotes is cut short
+(:func:`shown`): a record may hold a megabyte string or a list nested a thousand deep.
 """
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 __all__ = [
@@ -29,7 +31,32 @@ __all__ = [
     "InvalidWindow",
     "MeteringError",
     "SchemaOutOfDate",
+    "shown",
 ]
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 2
+_SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxtuple = 4
+_SHOWN.maxstring = _SHOWN.maxother = 40
+_SHOWN.maxlong = 40
+
+
+def shown(value: object, *, limit: int = 40) -> str:
+    """``value`` as it appears in a one-line error message: its ``repr`` (which escapes line
+    breaks and other unprintable characters), cut to about ``limit`` characters.
+
+    A long string is cut with its length said (``'aaaa…' (10000 characters)``); containers are
+    cut in length and depth, so that showing any decoded JSON value costs little.
+    """
+    if isinstance(value, str):
+        n = min(len(value), limit)
+        while len(text := repr(value[:n])) > limit + 2:  # escapes (\U0010ffff) count too
+            n -= 1
+        return text if n == len(value) else f"{text}… ({len(value)} characters)"
+    try:
+        return _SHOWN.repr(value)
+    except (ValueError, RecursionError):  # an int too long to print, a pathological object
+        return f"<{type(value).__name__}>"
 
 
 class ContextError(Exception):
@@ -76,10 +103,15 @@ class InvalidRecord(MeteringError):
 class InvalidBatch(MeteringError):
     """An ingest batch was rejected whole because some of its records are malformed."""
 
-    def __init__(self, message: str, *, errors: list[InvalidRecord], count: int) -> None:
-        super().__init__(message, count=count)
+    def __init__(
+        self, message: str, *, errors: list[InvalidRecord], count: int, records: int = 0
+    ) -> None:
+        super().__init__(message, count=count, records=records)
         self.errors = errors
+        """The first bad records (a bounded list); ``count`` says how many there were."""
         self.count = count
+        self.records = records
+        """How many valid records the rejected input held."""
 
 
 class InvalidWindow(MeteringError):

@@ -11,6 +11,16 @@ post again ORs in bits that are already set and writes nothing.
 
 Writers are serialised (PostgreSQL: a transaction-scoped advisory lock; SQLite: ``BEGIN
 IMMEDIATE``), so the read-merge-write of a bitmap and the assignment of new ordinals never race.
+
+Memory stays flat whatever the input: records are written in batches (:data:`BATCH_BYTES` of
+lines at most), the id and name caches are dropped when they outgrow :data:`CACHE_KEYS` /
+:data:`CACHE_NAMES` (they are only look-up shortcuts; the database is the truth), and the
+summary counts distinct tenants, hosts and hours exactly without keeping them all: up to
+:data:`DISTINCT_IN_MEMORY` keys of each in a set, past that in a temporary table of the
+ingest's own transaction, counted there at the end (:class:`_DistinctKeys`). A file of 2,000
+hosts never touches that table; one of two million hosts costs a few extra inserts per batch.
+Bad lines are counted, the first :data:`KEEP_ERRORS` kept, and each one handed to the caller's
+``on_error`` as it is found, so a caller can keep all of them where it likes.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -27,6 +37,7 @@ from metering import models as m
 from metering.db import insert_ignore, upsert
 from metering.errors import InvalidBatch, InvalidRecord
 from metering.records import (
+    MAX_LINE_BYTES,
     AnomalyRole,
     HostPost,
     MonitorChange,
@@ -38,32 +49,43 @@ from metering.records import (
 )
 from metering.timeutil import floor_hour
 
-__all__ = ["IngestSummary", "UsageRecorder", "ingest_lines"]
+__all__ = ["IngestSummary", "UsageRecorder", "ingest_lines", "read_lines"]
 
 #: ``pg_advisory_xact_lock`` key that serialises ingest writers on PostgreSQL.
 INGEST_LOCK_KEY = 0x686D5F696E67  # "hm_ing"
 _CHUNK = 400  # keys per ``IN (...)`` look-up; well under SQLite's bound-parameter limit
 KEEP_ERRORS = 20
+"""Bad lines an :class:`IngestSummary` (or :class:`InvalidBatch`) keeps; all are counted."""
+CACHE_KEYS = 50_000
+"""Tenant ids, host ids and name dictionaries kept in memory, each (a few MB at most)."""
+CACHE_NAMES = 200_000
+"""Metric names kept in memory over all cached dictionaries."""
+DISTINCT_IN_MEMORY = 100_000
+"""Distinct tenants, hosts or hours counted in a set before they go to a temporary table."""
+BATCH_BYTES = 16 << 20
+"""A batch is written when its lines reach this many bytes, even short of ``batch_size``."""
 
 
 @dataclass(slots=True, kw_only=True)
 class IngestSummary:
-    """What one ingest did (or, when rejected, would have done)."""
+    """What one ingest did: exact counts of the records and of the distinct tenants, hosts and
+    UTC hours they touched, the rows written, and the bad lines (all counted, the first
+    :data:`KEEP_ERRORS` kept)."""
 
     records: int = 0
     rejected: int = 0
     written_rows: int = 0
-    tenants: set[str] = field(default_factory=set)
-    hosts: set[tuple[str, str]] = field(default_factory=set)
-    hours: set[datetime] = field(default_factory=set)
+    tenants: int = 0
+    hosts: int = 0
+    hours: int = 0
     errors: list[InvalidRecord] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "records": self.records,
-            "tenants": len(self.tenants),
-            "hosts": len(self.hosts),
-            "hours": len(self.hours),
+            "tenants": self.tenants,
+            "hosts": self.hosts,
+            "hours": self.hours,
             "rows_written": self.written_rows,
             "rejected": self.rejected,
         }
@@ -84,8 +106,69 @@ def _bytes_to_bits(blob: bytes) -> int:
     return int.from_bytes(blob, "little")
 
 
+_TENANTS, _HOSTS, _HOURS = 1, 2, 3
+_seen = sa.Table(
+    "hm_ingest_seen",
+    sa.MetaData(),  # not the schema's: a scratch table of one transaction, never migrated
+    sa.Column("what", sa.SmallInteger, primary_key=True),
+    sa.Column("id", sa.BigInteger, primary_key=True),
+)
+
+
+class _DistinctKeys:
+    """Exact counts of distinct integer keys of a few kinds (tenant ids, host ids, epoch hours)
+    in bounded memory.
+
+    Keys gather in one set per kind; a set that outgrows :data:`DISTINCT_IN_MEMORY` is moved
+    into a temporary table (``INSERT … ON CONFLICT DO NOTHING`` on its primary key keeps one
+    row per key) and emptied. :meth:`counts` counts what the sets and the table hold together.
+    The table lives in the ingest's transaction and is dropped before it commits; a rollback
+    removes it as well.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.pending: dict[int, set[int]] = {_TENANTS: set(), _HOSTS: set(), _HOURS: set()}
+        self.spilled = False
+
+    def add(self, what: int, keys: Iterable[int]) -> None:
+        pending = self.pending[what]
+        pending.update(keys)
+        if len(pending) > DISTINCT_IN_MEMORY:
+            self._spill(what)
+
+    def _spill(self, what: int) -> None:
+        if not self.spilled:
+            self.conn.exec_driver_sql(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS hm_ingest_seen (what SMALLINT NOT NULL, "
+                "id BIGINT NOT NULL, PRIMARY KEY (what, id))"
+            )
+            self.conn.execute(sa.delete(_seen))  # a connection's leftover, should there be one
+            self.spilled = True
+        pending = self.pending[what]
+        insert_ignore(self.conn, _seen, [{"what": what, "id": k} for k in pending],
+                      key=["what", "id"])
+        pending.clear()
+
+    def counts(self) -> dict[int, int]:
+        """The number of distinct keys of each kind; drops the temporary table."""
+        if not self.spilled:
+            return {what: len(keys) for what, keys in self.pending.items()}
+        for what in self.pending:
+            self._spill(what)
+        counted: dict[int, int] = {
+            what: n
+            for what, n in self.conn.execute(
+                sa.select(_seen.c.what, sa.func.count()).group_by(_seen.c.what)
+            )
+        }
+        self.conn.exec_driver_sql("DROP TABLE hm_ingest_seen")
+        self.spilled = False
+        return {what: counted.get(what, 0) for what in self.pending}
+
+
 class _Writer:
-    """Writes batches of records inside one open transaction, with look-up caches."""
+    """Writes batches of records inside one open transaction, with bounded look-up caches."""
 
     def __init__(self, conn: Connection, summary: IngestSummary) -> None:
         self.conn = conn
@@ -93,6 +176,15 @@ class _Writer:
         self.tenant_ids: dict[str, int] = {}
         self.host_ids: dict[tuple[int, str], int] = {}
         self.ordinals: dict[tuple[int, str], dict[str, int]] = {}
+        self.cached_names = 0
+        self.distinct = _DistinctKeys(conn)
+
+    def finish(self) -> None:
+        """Put the distinct counts into the summary (call once, before the commit)."""
+        counts = self.distinct.counts()
+        self.summary.tenants = counts[_TENANTS]
+        self.summary.hosts = counts[_HOSTS]
+        self.summary.hours = counts[_HOURS]
 
     # -- key resolution ---------------------------------------------------------------------
 
@@ -100,6 +192,9 @@ class _Writer:
         missing = [k for k in keys if k not in self.tenant_ids]
         if not missing:
             return
+        if len(self.tenant_ids) + len(missing) > CACHE_KEYS:
+            self.tenant_ids.clear()  # a cache, not the truth: look this batch's keys up again
+            missing = list(keys)
         insert_ignore(self.conn, m.tenants, [{"key": k} for k in missing], key=["key"])
         for i in range(0, len(missing), _CHUNK):
             part = missing[i : i + _CHUNK]
@@ -112,6 +207,9 @@ class _Writer:
         missing = [k for k in keys if k not in self.host_ids]
         if not missing:
             return
+        if len(self.host_ids) + len(missing) > CACHE_KEYS:
+            self.host_ids.clear()
+            missing = list(keys)
         insert_ignore(
             self.conn,
             m.hosts,
@@ -134,6 +232,7 @@ class _Writer:
                 )
             )
             names = self.ordinals[key] = {n: o for n, o in rows}
+            self.cached_names += len(names)
         return names
 
     def _bits(self, tenant_id: int, namespace: str, metrics: tuple[str, ...]) -> int:
@@ -144,6 +243,7 @@ class _Writer:
             ordinal = names.get(name)
             if ordinal is None:
                 ordinal = names[name] = len(names)
+                self.cached_names += 1
                 new.append(
                     {"tenant_id": tenant_id, "namespace": namespace, "name": name,
                      "ordinal": ordinal}
@@ -158,8 +258,11 @@ class _Writer:
     def write(self, batch: list[Record]) -> None:
         if not batch:
             return
-        s = self.summary
-        self._tenant_ids({r.tenant for r in batch})
+        if self.cached_names > CACHE_NAMES or len(self.ordinals) > CACHE_KEYS:
+            self.ordinals.clear()  # reloaded per tenant on demand, new ordinals included
+            self.cached_names = 0
+        tenant_keys = {r.tenant for r in batch}
+        self._tenant_ids(tenant_keys)
         host_keys = {
             (self.tenant_ids[r.tenant], r.host)
             for r in batch
@@ -176,12 +279,8 @@ class _Writer:
 
         for r in batch:
             t = self.tenant_ids[r.tenant]
-            s.tenants.add(r.tenant)
             if isinstance(r, HostPost):
-                hour = floor_hour(r.at)
-                s.hours.add(hour)
-                s.hosts.add((r.tenant, r.host))
-                key = (self.host_ids[(t, r.host)], hour)
+                key = (self.host_ids[(t, r.host)], floor_hour(r.at))
                 acc = host_acc.get(key)
                 bits = self._bits(t, "host", r.metrics)
                 if acc is None:
@@ -190,9 +289,7 @@ class _Writer:
                     acc[1] = acc[1] or r.kind == "standard"
                     acc[2] |= bits
             elif isinstance(r, ServicePost):
-                hour = floor_hour(r.at)
-                s.hours.add(hour)
-                skey = (t, hour)
+                skey = (t, floor_hour(r.at))
                 names = tuple(service_metric_key(r.service, n) for n in r.metrics)
                 service_acc[skey] = service_acc.get(skey, 0) | self._bits(t, "service", names)
             elif isinstance(r, PlanChange):
@@ -202,8 +299,13 @@ class _Writer:
             elif isinstance(r, AnomalyRole):
                 roles.add((t, r.role, r.at, r.enabled))
             elif isinstance(r, RoleMember):
-                s.hosts.add((r.tenant, r.host))
                 members.add((t, r.role, self.host_ids[(t, r.host)], r.at, r.member))
+
+        s = self.summary
+        self.distinct.add(_TENANTS, (self.tenant_ids[k] for k in tenant_keys))
+        self.distinct.add(_HOSTS, (self.host_ids[k] for k in host_keys))
+        hours = {hour for _, hour in host_acc} | {hour for _, hour in service_acc}
+        self.distinct.add(_HOURS, (int(hour.timestamp()) // 3600 for hour in hours))
 
         self._merge_host_hours(host_acc)
         self._merge_service_hours(service_acc)
@@ -324,17 +426,22 @@ def _by_leading_key(
             )
 
 
-def _write_full_batches(writer: _Writer, records: Iterable[Record],
+def _write_full_batches(writer: _Writer, records: Iterable[tuple[Record, int]],
                         batch_size: int) -> list[Record]:
-    """Stream ``records`` into ``writer`` ``batch_size`` at a time, counting them; returns the
-    last, partial batch for the caller to write (or to drop, when the input is rejected)."""
+    """Stream ``(record, size of its line)`` pairs into ``writer`` in batches of ``batch_size``
+    records or :data:`BATCH_BYTES` bytes of lines, whichever comes first, counting them;
+    returns the last, partial batch for the caller to write (or to drop, when the input is
+    rejected)."""
     batch: list[Record] = []
-    for rec in records:
+    size = 0
+    for rec, n in records:
         writer.summary.records += 1
         batch.append(rec)
-        if len(batch) >= batch_size:
+        size += n
+        if len(batch) >= batch_size or size >= BATCH_BYTES:
             writer.write(batch)
             batch = []
+            size = 0
     return batch
 
 
@@ -366,7 +473,8 @@ class UsageRecorder:
         with self.engine.begin() as conn:
             _lock(conn)
             writer = _Writer(conn, summary)
-            writer.write(_write_full_batches(writer, records, self.batch_size))
+            writer.write(_write_full_batches(writer, ((r, 0) for r in records), self.batch_size))
+            writer.finish()
         return summary
 
     def post_host_metrics(
@@ -382,6 +490,28 @@ class UsageRecorder:
         return self.record([rec])
 
 
+def read_lines(stream: BinaryIO, *, limit: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+    """The lines of a binary stream, each cut to ``limit + 1`` bytes at most.
+
+    A longer line is yielded as its first ``limit + 1`` bytes, which
+    :func:`~metering.records.parse_line` rejects as too long, and the rest of it is read and
+    dropped in pieces: a file that is one gigabyte-long line costs no more memory than a short
+    one.
+    """
+    readline = stream.readline
+    while raw := readline(limit + 1):
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := readline(1 << 16)) and not rest.endswith(b"\n"):
+                pass
+        yield raw
+
+
+def _without_bom(text: str | bytes) -> str | bytes:
+    if isinstance(text, bytes):
+        return text[3:] if text.startswith(b"\xef\xbb\xbf") else text
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 def ingest_lines(
     engine: Engine,
     lines: Iterable[str | bytes],
@@ -389,32 +519,43 @@ def ingest_lines(
     skip_invalid: bool = False,
     batch_size: int = 5000,
     on_progress: Callable[[int], None] | None = None,
+    on_error: Callable[[InvalidRecord], None] | None = None,
 ) -> IngestSummary:
     """Parse and record JSON Lines in one transaction, streaming in batches.
 
     Without ``skip_invalid`` a single malformed line rejects the whole input: the remaining
     lines are still parsed (so that every problem is reported at once), nothing is written, and
-    :class:`InvalidBatch` is raised. With ``skip_invalid`` the good lines are recorded and the
-    bad ones are counted in the summary (the first :data:`KEEP_ERRORS` are kept).
+    :class:`InvalidBatch` is raised. With ``skip_invalid`` exactly the good lines are recorded
+    and the bad ones are counted in the summary. Either way the first :data:`KEEP_ERRORS` bad
+    lines are kept and every one of them is passed to ``on_error`` as it is found (to report
+    them all without holding them all). A UTF-8 byte order mark at the start of the first line
+    is dropped.
     """
     summary = IngestSummary()
+    valid = 0
 
-    def good_records() -> Iterator[Record]:
+    def good_records() -> Iterator[tuple[Record, int]]:
+        nonlocal valid
         for lineno, text in enumerate(lines, start=1):
             if on_progress is not None:
                 on_progress(lineno)
+            if lineno == 1:
+                text = _without_bom(text)
             try:
                 rec = parse_line(text, line=lineno)
             except InvalidRecord as exc:
                 summary.rejected += 1
                 if len(summary.errors) < KEEP_ERRORS:
                     summary.errors.append(exc)
+                if on_error is not None:
+                    on_error(exc)
                 continue
             if rec is None:
                 continue
+            valid += 1
             if summary.rejected and not skip_invalid:
                 continue  # keep validating, stop writing: the transaction will roll back
-            yield rec
+            yield rec, len(text)
 
     with engine.begin() as conn:
         _lock(conn)
@@ -426,6 +567,8 @@ def ingest_lines(
                 "(fix them, or load the good lines with --skip-invalid)",
                 errors=summary.errors,
                 count=summary.rejected,
+                records=valid,
             )
         writer.write(batch)
+        writer.finish()
     return summary

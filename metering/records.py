@@ -4,16 +4,34 @@ Each record is a JSON object with a ``type``; an optional ``"v": 1`` names the s
 Fields not listed here are ignored (forward compatible); a listed field that is missing or of
 the wrong shape rejects the record with an :class:`~metering.errors.InvalidRecord` that names the
 field and what was expected.
+
+Whatever one line holds, :func:`parse_line` returns a record (or ``None`` for a blank line) or
+raises that one error, never another exception: not for JSON nested a thousand deep
+(``RecursionError``), a number of 5,000 digits (``ValueError``), an instant whose UTC form
+leaves the calendar (``OverflowError``), bytes that are not UTF-8, or a line of a gigabyte (the
+reader cuts it at :data:`MAX_LINE_BYTES`). A record that is accepted can be stored on every
+backend: its names are UTF-8 without NUL, within :data:`BYTE_LIMITS`.
+
+Why the limits are in bytes. PostgreSQL refuses a b-tree index entry over 2,704 bytes, and
+the entry holds the whole key in UTF-8: a service name and a metric name of random four-byte
+characters within the old *character* limits (255 + 500 characters) made a 3,056-byte entry in
+``metric_names``' primary key and failed the whole load, which SQLite had accepted. Each limit
+is the column's declared size, now counted in bytes: a value of n bytes has at most n
+characters, so it fits its ``VARCHAR(n)`` on PostgreSQL; and the widest index entry that
+ingest writes (the service-metric dictionary name, 255 + 500 bytes and a 5-byte prefix, with
+the tenant id and namespace) stays under 800 bytes, a third of the b-tree limit. For ASCII
+names, nearly all of them, bytes and characters are the same count.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from metering.errors import InvalidRecord, InvalidWindow
+from metering.errors import InvalidRecord, InvalidWindow, shown
 from metering.models import HOST_KINDS, PLANS
 from metering.timeutil import parse_instant
 
@@ -30,8 +48,30 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-MAX_KEY = 200
-MAX_NAME = 500
+
+BYTE_LIMITS: dict[str, int] = {
+    "tenant": 200,  # tenants.key VARCHAR(200)
+    "host": 255,  # hosts.key VARCHAR(255)
+    "service": 255,  # within metric_names.name VARCHAR(800), with a metric name
+    "monitor": 255,  # monitor_events.monitor VARCHAR(255)
+    "role": 255,  # role_events.role, role_member_events.role, usage_snapshot_roles.role
+    "metrics": 500,  # each metric name; metric_names.name VARCHAR(800)
+}
+"""The most UTF-8 bytes each text field may hold (see the module docstring for why)."""
+
+MAX_LINE_BYTES = 1 << 20
+"""The longest line (with its line break) that is parsed; a longer one is one rejected line,
+read no further than this (a record is a few hundred bytes; a post of a thousand metric names
+of 500 bytes each would still fit)."""
+
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+"""Instants are accepted in ``[EARLIEST, LATEST)``: billing periods start in 1970
+(:func:`~metering.timeutil.parse_period`), and every instant in range stays in years 1–9999
+in any time zone, which PostgreSQL needs to read a ``timestamptz`` back in a session of any
+zone, and the month after it still exists."""
+
+_BOM = "\ufeff"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,33 +139,39 @@ Record = PlanChange | HostPost | ServicePost | MonitorChange | AnomalyRole | Rol
 """Any record that ingest accepts."""
 
 
-def _storable(text: str) -> bool:
-    """Whether every backend can store ``text``: no NUL (PostgreSQL) and no lone surrogate."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def _text_problem(value: str, limit: int) -> str | None:
+    """Why ``value`` cannot be stored as a name of at most ``limit`` UTF-8 bytes (a phrase that
+    follows "which"), or ``None``.
+
+    ASCII text, nearly every name, is checked without encoding it (its length is its size).
+    """
+    if "\x00" in value:
+        return "holds a NUL (PostgreSQL cannot store it)"
+    if value.isascii():
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate, from a JSON escape such as "\ud800"
+            return "holds an unpaired surrogate (not UTF-8 text)"
+    if size > limit:
+        return f"is {size} bytes long in UTF-8 (at most {limit} bytes)"
+    return None
 
 
-def _str(obj: dict[str, Any], field: str, *, limit: int = MAX_KEY) -> str:
+def _str(obj: dict[str, Any], field: str) -> str:
     value = obj.get(field)
     if value is None:
         raise InvalidRecord(f"missing field {field!r} (expected a non-empty string)", field=field)
     if not isinstance(value, str) or not value.strip():
         raise InvalidRecord(
-            f"field {field!r} must be a non-empty string, got {value!r}", field=field
+            f"field {field!r} must be a non-empty string, got {shown(value)}", field=field
         )
-    if len(value) > limit:
+    problem = _text_problem(value, BYTE_LIMITS[field])
+    if problem is not None:
         raise InvalidRecord(
-            f"field {field!r} is {len(value)} characters long (at most {limit})", field=field
-        )
-    if not _storable(value):
-        raise InvalidRecord(
-            f"field {field!r} is {value!r}, which holds a NUL or an unpaired surrogate "
-            "(expected UTF-8 text without NUL)",
+            f"field {field!r} is {shown(value)}, which {problem} (expected UTF-8 text without "
+            "NUL)",
             field=field,
         )
     return value
@@ -133,20 +179,19 @@ def _str(obj: dict[str, Any], field: str, *, limit: int = MAX_KEY) -> str:
 
 def _choice(obj: dict[str, Any], field: str, choices: tuple[str, ...]) -> str:
     value = obj.get(field)
-    if value not in choices:
-        shown = "missing" if value is None else repr(value)
+    if not isinstance(value, str) or value not in choices:
+        what = "missing" if value is None else shown(value)
         raise InvalidRecord(
-            f"field {field!r} is {shown} (expected one of {', '.join(choices)})", field=field
+            f"field {field!r} is {what} (expected one of {', '.join(choices)})", field=field
         )
-    assert isinstance(value, str)
     return value
 
 
 def _bool(obj: dict[str, Any], field: str) -> bool:
     value = obj.get(field)
     if not isinstance(value, bool):
-        shown = "missing" if value is None else repr(value)
-        raise InvalidRecord(f"field {field!r} is {shown} (expected true or false)", field=field)
+        what = "missing" if value is None else shown(value)
+        raise InvalidRecord(f"field {field!r} is {what} (expected true or false)", field=field)
     return value
 
 
@@ -157,27 +202,39 @@ def _at(obj: dict[str, Any]) -> datetime:
             "missing field 'at' (expected an ISO 8601 instant with offset)", field="at"
         )
     try:
-        return parse_instant(value, what="field 'at'")
+        at = parse_instant(value, what="field 'at'")
     except InvalidWindow as exc:
-        raise InvalidRecord(exc.message, field="at") from exc
+        raise InvalidRecord(exc.message, field="at") from None
+    if not EARLIEST <= at < LATEST:
+        raise InvalidRecord(
+            f"field 'at' {shown(value)} is out of range (expected an instant from "
+            "1970-01-01T00:00:00Z to before 9999-01-01T00:00:00Z)",
+            field="at",
+        )
+    return at
 
 
 def _metrics(obj: dict[str, Any]) -> tuple[str, ...]:
     value = obj.get("metrics")
     if not isinstance(value, list) or not value:
-        shown = "missing" if value is None else ("empty" if value == [] else repr(value)[:60])
+        what = "missing" if value is None else ("empty" if value == [] else shown(value))
         raise InvalidRecord(
-            f"field 'metrics' is {shown} (expected a non-empty list of metric names)",
+            f"field 'metrics' is {what} (expected a non-empty list of metric names)",
             field="metrics",
         )
+    limit = BYTE_LIMITS["metrics"]
     for i, name in enumerate(value):
-        if (not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME
-                or not _storable(name)):
-            raise InvalidRecord(
-                f"field 'metrics'[{i}] is {name!r} (expected a metric name of 1 to "
-                f"{MAX_NAME} characters, UTF-8 text without NUL)",
-                field="metrics",
-            )
+        if not isinstance(name, str) or not name.strip():
+            problem: str | None = "is not a non-empty string"
+        else:
+            problem = _text_problem(name, limit)
+            if problem is None:
+                continue
+        raise InvalidRecord(
+            f"field 'metrics'[{i}] is {shown(name)}, which {problem} (expected a metric name of 1 "
+            f"to {limit} bytes, UTF-8 text without NUL)",
+            field="metrics",
+        )
     return tuple(value)
 
 
@@ -188,13 +245,13 @@ def parse_record(obj: Any) -> Record:
     version = obj.get("v", SCHEMA_VERSION)
     if version != SCHEMA_VERSION or isinstance(version, bool):  # JSON true == 1 in Python
         raise InvalidRecord(
-            f"field 'v' is {version!r} (this hostmeter reads schema version 1)", field="v"
+            f"field 'v' is {shown(version)} (this hostmeter reads schema version 1)", field="v"
         )
     kind = obj.get("type")
     if not isinstance(kind, str) or kind not in _PARSERS:  # a list or object is unhashable
-        shown = "missing" if kind is None else repr(kind)
+        what = "missing" if kind is None else shown(kind)
         raise InvalidRecord(
-            f"field 'type' is {shown} (expected one of {', '.join(_PARSERS)})", field="type"
+            f"field 'type' is {what} (expected one of {', '.join(_PARSERS)})", field="type"
         )
     return _PARSERS[kind](obj)
 
@@ -206,7 +263,7 @@ def _plan(o: dict[str, Any]) -> Record:
 def _host_post(o: dict[str, Any]) -> Record:
     return HostPost(
         tenant=_str(o, "tenant"),
-        host=_str(o, "host", limit=255),
+        host=_str(o, "host"),
         kind=_choice(o, "kind", HOST_KINDS),
         at=_at(o),
         metrics=_metrics(o),
@@ -216,7 +273,7 @@ def _host_post(o: dict[str, Any]) -> Record:
 def _service_post(o: dict[str, Any]) -> Record:
     return ServicePost(
         tenant=_str(o, "tenant"),
-        service=_str(o, "service", limit=255),
+        service=_str(o, "service"),
         at=_at(o),
         metrics=_metrics(o),
     )
@@ -226,7 +283,7 @@ def _monitor(o: dict[str, Any]) -> Record:
     state = _choice(o, "state", ("created", "deleted"))
     return MonitorChange(
         tenant=_str(o, "tenant"),
-        monitor=_str(o, "monitor", limit=255),
+        monitor=_str(o, "monitor"),
         at=_at(o),
         present=state == "created",
     )
@@ -235,7 +292,7 @@ def _monitor(o: dict[str, Any]) -> Record:
 def _anomaly_role(o: dict[str, Any]) -> Record:
     return AnomalyRole(
         tenant=_str(o, "tenant"),
-        role=_str(o, "role", limit=255),
+        role=_str(o, "role"),
         at=_at(o),
         enabled=_bool(o, "enabled"),
     )
@@ -244,8 +301,8 @@ def _anomaly_role(o: dict[str, Any]) -> Record:
 def _role_member(o: dict[str, Any]) -> Record:
     return RoleMember(
         tenant=_str(o, "tenant"),
-        role=_str(o, "role", limit=255),
-        host=_str(o, "host", limit=255),
+        role=_str(o, "role"),
+        host=_str(o, "host"),
         at=_at(o),
         member=_bool(o, "member"),
     )
@@ -262,18 +319,42 @@ _PARSERS = {
 
 
 def parse_line(text: str | bytes, *, line: int) -> Record | None:
-    """Parse one line of JSON Lines; ``None`` for a blank line. Errors carry ``line``."""
+    """Parse one line of JSON Lines; ``None`` for a blank line. Errors carry ``line``.
+
+    Raises :class:`InvalidRecord` and nothing else, whatever ``text`` holds. A byte order mark
+    is an error here: only the start of a file may carry one, and the reader of the file
+    strips it (:func:`metering.ingest.ingest_lines`).
+    """
+    if len(text) > MAX_LINE_BYTES:
+        raise InvalidRecord(
+            f"line is longer than {MAX_LINE_BYTES} bytes (it starts {shown(text[:40])})",
+            line=line,
+        )
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidRecord(f"not UTF-8 text (byte {exc.start})", line=line) from None
+            raise InvalidRecord(
+                f"not UTF-8 text (byte {exc.start}: {shown(text[exc.start : exc.start + 4])})",
+                line=line,
+            ) from None
     if not text.strip():
         return None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidRecord(f"not valid JSON ({exc.msg} at column {exc.colno})", line=line) from exc
+        if exc.pos == 0 and text.startswith(_BOM):
+            message = "a byte order mark (U+FEFF) where only the start of the input may have one"
+        else:
+            message = f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+        raise InvalidRecord(message, line=line) from None
+    except RecursionError:
+        raise InvalidRecord("not valid JSON here (nested too deeply)", line=line) from None
+    except ValueError:  # an integer longer than int_max_str_digits
+        raise InvalidRecord(
+            f"not valid JSON here (a number of more than {sys.get_int_max_str_digits()} digits)",
+            line=line,
+        ) from None
     try:
         return parse_record(obj)
     except InvalidRecord as exc:

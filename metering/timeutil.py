@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from metering.errors import InvalidWindow
+from metering.errors import InvalidWindow, shown
 
 __all__ = [
     "HOUR",
@@ -31,20 +31,31 @@ def parse_instant(text: str, *, what: str = "instant") -> datetime:
     """Parse an ISO 8601 instant that carries an offset (``Z`` or ``+09:00``) into aware UTC.
 
     A timestamp without an offset is rejected: it would mean different hours on different hosts.
+    One whose UTC instant falls outside years 1–9999 (``9999-12-31T23:30:00-05:00``) is rejected
+    too, as :class:`InvalidWindow`, never :class:`OverflowError`.
     """
     if not isinstance(text, str) or not text:
-        raise InvalidWindow(f"{what} must be an ISO 8601 string with an offset, got {text!r}")
+        raise InvalidWindow(
+            f"{what} must be an ISO 8601 string with an offset, got {shown(text)}"
+        )
     try:
         value = datetime.fromisoformat(text)
     except ValueError as exc:
         raise InvalidWindow(
-            f"{what} {text!r} is not an ISO 8601 instant (expected e.g. 2026-10-15T10:03:00Z)"
+            f"{what} {shown(text)} is not an ISO 8601 instant (expected e.g. "
+            "2026-10-15T10:03:00Z)"
         ) from exc
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidWindow(
-            f"{what} {text!r} has no UTC offset (expected e.g. 2026-10-15T10:03:00Z or +09:00)"
+            f"{what} {shown(text)} has no UTC offset (expected e.g. 2026-10-15T10:03:00Z or "
+            "+09:00)"
         )
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:30:00-05:00 is in year 10000 in UTC
+        raise InvalidWindow(
+            f"{what} {shown(text)} is out of range (its UTC instant is not in years 1 to 9999)"
+        ) from None
 
 
 def as_utc(value: datetime) -> datetime:

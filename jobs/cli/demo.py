@@ -66,8 +66,8 @@ def demo(seed: int, period: str | None, tenants: int) -> None:
     )
     s = result.ingest
     out.print(
-        f"recorded {s.records} records ({s.written_rows} rows written) for {len(s.tenants)} "
-        f"tenants, {len(s.hosts)} hosts; snapshotted {result.snapshot.counts.get('hours', 0)} "
+        f"recorded {s.records} records ({s.written_rows} rows written) for {s.tenants} "
+        f"tenants, {s.hosts} hosts; snapshotted {result.snapshot.counts.get('hours', 0)} "
         f"hours in {result.snapshot.duration_s:.1f}s; coverage {result.covered_hours}/{n} hours",
         markup=False,
     )

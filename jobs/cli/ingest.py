@@ -1,12 +1,20 @@
-"""``hostmeter ingest``: record usage from JSON Lines."""
+"""``hostmeter ingest``: record usage from JSON Lines.
+
+Every bad line is reported, in bounded memory however many there are: the count always; on
+stderr the first :data:`SHOWN_ERRORS` and "… and N more"; with ``--format json`` all of them,
+in the ``errors`` array of the one JSON object printed, also when the input is rejected (exit
+2). For JSON they are written to a temporary file as they are found and copied out at the end
+(:class:`_RejectedLines`), so a file of millions of bad lines costs disk, not memory.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 import click
 
@@ -14,14 +22,68 @@ from jobs.cli.errors import EXIT_BAD_INPUT, fail
 from jobs.cli.state import current_state
 
 if TYPE_CHECKING:
+    from metering.errors import InvalidRecord
     from metering.ingest import IngestSummary
 
 __all__ = ["ingest"]
 
+SHOWN_ERRORS = 20
+"""Bad lines listed on stderr for a person; the rest are counted ("… and N more")."""
+
+
+class _RejectedLines:
+    """Every bad line as a JSON object, spilled to a temporary file as it is found."""
+
+    def __init__(self) -> None:
+        self.file: TextIO = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115
+
+    def __call__(self, error: InvalidRecord) -> None:
+        self.file.write(_error_json(error) + "\n")
+
+    def write_array(self, out: TextIO) -> None:
+        """Write ``[…]`` with every bad line, in input order, streaming from the file."""
+        self.file.seek(0)
+        out.write("[")
+        for i, line in enumerate(self.file):
+            out.write(line.rstrip("\n") if i == 0 else ", " + line.rstrip("\n"))
+        out.write("]")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _error_json(error: InvalidRecord) -> str:
+    return json.dumps({"line": error.line, "field": error.field, "message": error.message})
+
+
+def _print_json(data: dict[str, Any], rejected: _RejectedLines | None) -> None:
+    """One JSON object: ``data`` and ``"errors"``, every bad line, streamed in."""
+    out = sys.stdout
+    out.write(json.dumps(data)[:-1] + ', "errors": ')
+    if rejected is None:
+        out.write("[]")
+    else:
+        rejected.write_array(out)
+    out.write("}\n")
+    out.flush()
+
+
+def _list_errors(errors: Iterable[InvalidRecord], count: int) -> None:
+    shown = 0
+    for e in errors:
+        if shown == SHOWN_ERRORS:
+            break
+        click.echo(f"  {e}", err=True)
+        shown += 1
+    if count > shown:
+        click.echo(f"  … and {count - shown} more", err=True)
+
 
 def _binary_lines(stream: BinaryIO, update: Any, size: int | None) -> Iterator[bytes]:
+    from metering.ingest import read_lines
+
     done = 0
-    for i, raw in enumerate(stream, start=1):
+    for i, raw in enumerate(read_lines(stream), start=1):
         done += len(raw)
         if size and i % 2000 == 0:
             update(done, size)
@@ -50,7 +112,8 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
       {"type":"role_member","tenant":"acme","role":"web:app","host":"h-1","at":"…","member":true}
 
     Loading the same records again changes nothing. By default one bad line
-    rejects the whole input and nothing is written.
+    rejects the whole input and nothing is written (exit 2); every bad line is
+    counted, the first 20 are listed, and --format json lists all of them.
     """
     from jobs.cli.console import progress
     from metering.errors import InvalidBatch
@@ -65,41 +128,41 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
             fail(f"{source}: no such file", EXIT_BAD_INPUT)
         stream = path.open("rb")
         size = path.stat().st_size
+    rejected = _RejectedLines() if fmt == "json" else None
     try:
         engine = current_state().engine()
         with progress(f"ingest {source}", size) as update:
             summary = ingest_lines(
-                engine, _binary_lines(stream, update, size), skip_invalid=skip_invalid
+                engine, _binary_lines(stream, update, size), skip_invalid=skip_invalid,
+                on_error=rejected,
             )
+        _print_ingest(summary, fmt, rejected)
     except InvalidBatch as exc:
-        # click.echo, not the rich console: a record's error stays on one line at any width.
-        if exc.count > 1:
-            for e in exc.errors[:5]:
-                click.echo(f"  {e}", err=True)
-            if exc.count > 5:
-                click.echo(f"  … and {exc.count - 5} more", err=True)
+        if rejected is not None:
+            _print_json({"records": exc.records, "rows_written": 0, "rejected": exc.count},
+                        rejected)
+        elif exc.count > 1:
+            # click.echo, not the rich console: a record's error stays on one line at any width.
+            _list_errors(exc.errors, exc.count)
         fail(f"{source}: {exc.errors[0]}; {exc}", EXIT_BAD_INPUT)
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
-    _print_ingest(summary, fmt)
+        if rejected is not None:
+            rejected.close()
 
 
-def _print_ingest(summary: IngestSummary, fmt: str) -> None:
+def _print_ingest(summary: IngestSummary, fmt: str, rejected: _RejectedLines | None) -> None:
     from jobs.cli.console import print_table
 
     data = summary.as_dict()
     if fmt == "json":
-        data["errors"] = [
-            {"line": e.line, "field": e.field, "message": e.message} for e in summary.errors
-        ]
-        click.echo(json.dumps(data))
+        _print_json(data, rejected)
         return
     print_table("ingest", ["records", "tenants", "hosts", "hours", "rows written", "rejected"],
                 [[data["records"], data["tenants"], data["hosts"], data["hours"],
                   data["rows_written"], data["rejected"]]],
                 right=["records", "tenants", "hosts", "hours", "rows written", "rejected"])
     if summary.rejected:
-        click.echo(f"skipped {summary.rejected} invalid line(s); the first ones:", err=True)
-        for e in summary.errors[:5]:
-            click.echo(f"  {e}", err=True)
+        click.echo(f"skipped {summary.rejected} invalid line(s):", err=True)
+        _list_errors(summary.errors, summary.rejected)

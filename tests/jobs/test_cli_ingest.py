@@ -221,3 +221,126 @@ def test_unreachable_database(tmp_path: Path, good_file: Path) -> None:
     assert "cannot connect to" in error_line(proc)
     assert "s3cret" not in proc.stderr
     assert proc.stdout == ""
+
+
+# --- poison lines, and reporting every bad line ------------------------------------------------
+
+
+def _random_text(seed: int, size: int) -> str:
+    """``size`` bytes of random four-byte characters: PostgreSQL cannot compress them away."""
+    import random
+
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(0x10000, 0x110000)) for _ in range(size // 4))
+
+
+POISON = [
+    b'{"type":"plan","x":' + b"[" * 1500 + b"]" * 1500 + b"}",  # RecursionError
+    b'{"type":"plan","x":' + b"9" * 4301 + b"}",  # ValueError: too many digits
+    b'{"type":"plan","tenant":"acme","plan":"free","at":"9999-12-31T23:30:00-05:00"}',
+    b'{"type":"plan","tenant":"acme","plan":"free","at":"0001-01-01T00:30:00+05:00"}',
+    json.dumps({"type": "service_post", "tenant": "acme", "service": _random_text(1, 1020),
+                "at": "2026-10-15T10:03:00Z", "metrics": [_random_text(2, 2000)]}).encode(),
+    b'{"type":"plan","tenant":"\\ud800","plan":"free","at":"2026-10-15T00:00:00Z"}',
+    b'{"type":"plan","tenant":"ac\x00me"}',
+    b'"just a string"',
+    b'{"type":"plan","tenant":"\xc3\x28"}',
+    b'{"type":"plan","pad":"' + b"x" * (3 << 20) + b'"}',  # 3 MiB
+]
+
+
+def _with_poison(tmp_path: Path, *, bom: bool = True) -> tuple[Path, list[int]]:
+    """GOOD's lines with a poison line after each of the first ones; the poison line numbers."""
+    out: list[bytes] = []
+    at = []
+    good = [ln.encode() for ln in GOOD.splitlines()]
+    for i, bad in enumerate(POISON):
+        if i < len(good):
+            out.append(good[i])
+        out.append(bad)
+        at.append(len(out))
+    out += good[len(POISON) :]
+    path = tmp_path / "poison.jsonl"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"\n".join(out) + b"\n")
+    return path, at
+
+
+GOOD_ROWS = {"tenants": 2, "hosts": 2, "metric_names": 4, "host_hours": 3, "plan_changes": 1}
+
+
+def test_poison_lines_are_rejected_lines_not_a_traceback(db_url: str, tmp_path: Path) -> None:
+    path, at = _with_poison(tmp_path)
+    proc = hostmeter("ingest", str(path), db_url=db_url, tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{len(POISON)} invalid record(s)" in error_line(proc)
+    details = [ln for ln in stderr_lines(proc) if not ln.startswith("hostmeter: error: ")]
+    assert [int(ln.split(":")[0].split()[1]) for ln in details] == at
+    assert all(len(ln) < 400 for ln in details), details
+    assert set(row_counts(db_url).values()) == {0}
+
+
+def test_skip_invalid_loads_exactly_the_good_lines_around_poison(
+    db_url: str, tmp_path: Path
+) -> None:
+    path, at = _with_poison(tmp_path)
+    proc = hostmeter("ingest", "--skip-invalid", "--format", "json", str(path), db_url=db_url,
+                     tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = json.loads(proc.stdout)
+    assert {k: out[k] for k in GOOD_SUMMARY} == GOOD_SUMMARY | {"rejected": len(POISON)}
+    assert [e["line"] for e in out["errors"]] == at
+    assert row_counts(db_url) == GOOD_ROWS
+
+
+def test_a_byte_order_mark_at_the_start_of_the_file_is_not_an_error(
+    db_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    proc = hostmeter("ingest", "--format", "json", str(path), db_url=db_url, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {k: json.loads(proc.stdout)[k] for k in GOOD_SUMMARY} == GOOD_SUMMARY
+
+
+def _many_bad_lines(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "many.jsonl"
+    path.write_text(GOOD + "".join(f'{{"type":"plan","n":{i}}}\n' for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["reject", "skip-invalid"])
+def test_every_bad_line_is_counted_twenty_listed_and_all_in_json(
+    db_url: str, tmp_path: Path, skip: bool
+) -> None:
+    n = 45
+    path = _many_bad_lines(tmp_path, n)
+    flags = ["--skip-invalid"] if skip else []
+    first_bad = len(GOOD.splitlines()) + 1
+
+    table = hostmeter("ingest", *flags, str(path), db_url=db_url, tmp_path=tmp_path)
+    assert table.returncode == (0 if skip else 2), table.stderr
+    listed = [ln for ln in stderr_lines(table) if ln.startswith("  line ")]
+    assert [int(ln.split(":")[0].split()[1]) for ln in listed] == list(
+        range(first_bad, first_bad + 20)
+    )
+    assert f"  … and {n - 20} more" in stderr_lines(table)
+    if skip:
+        assert f"skipped {n} invalid line(s)" in table.stderr
+    else:
+        assert f"{n} invalid record(s)" in error_line(table)
+
+    as_json = hostmeter("ingest", *flags, "--format", "json", str(path), db_url=db_url,
+                        tmp_path=tmp_path)
+    assert as_json.returncode == (0 if skip else 2), as_json.stderr
+    out = json.loads(as_json.stdout)
+    assert out["rejected"] == n
+    assert [e["line"] for e in out["errors"]] == list(range(first_bad, first_bad + n))
+    assert all(e["field"] == "tenant" and "missing" in e["message"] for e in out["errors"])
+    if skip:
+        assert out["records"] == GOOD_SUMMARY["records"]
+        assert row_counts(db_url) == GOOD_ROWS
+    else:
+        assert (out["records"], out["rows_written"]) == (GOOD_SUMMARY["records"], 0)
+        assert "nothing was written" in error_line(as_json)
+        assert set(row_counts(db_url).values()) == {0}

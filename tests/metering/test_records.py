@@ -274,7 +274,7 @@ INVALID = [
     pytest.param(
         line("plan", tenant="t" * 201),
         "tenant",
-        ["201 characters", "at most 200"],
+        ["201 bytes", "at most 200"],
         id="tenant-too-long",
     ),
     pytest.param(line("host_post", host=None), "host", ["missing", "'host'"], id="missing-host"),
@@ -314,13 +314,13 @@ INVALID = [
     pytest.param(
         line("service_post", metrics=["a", ""]),
         "metrics",
-        ["'metrics'[1]", "expected a metric name of 1 to 500"],
+        ["'metrics'[1]", "expected a metric name of 1 to 500 bytes"],
         id="empty-metric-name",
     ),
     pytest.param(
         line("host_post", metrics=["m" * 501]),
         "metrics",
-        ["'metrics'[0]", "1 to 500 characters"],
+        ["'metrics'[0]", "501 bytes", "1 to 500 bytes"],
         id="metric-name-too-long",
     ),
     pytest.param(
@@ -427,3 +427,190 @@ def test_invalid_records(text: str | bytes, field: str | None, fragments: list[s
         assert fragment in exc.message, f"{fragment!r} not in {exc.message!r}"
     if field is not None:
         assert repr(field) in exc.message  # the message names the field it is about
+
+
+# --- hostile lines: one InvalidRecord each, never another exception --------------------------
+
+FOUR_BYTES = "\U0001f600"  # one character, four bytes of UTF-8
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+HOSTILE = [
+    # (text, field, fragments the message must contain)
+    pytest.param(
+        '{"type":"plan","tenant":"acme","x":' + deep(1500) + "}",
+        None,
+        ["nested too deeply"],
+        id="json-nested-1500-deep",
+    ),
+    pytest.param(
+        '{"type":"plan","tenant":"acme","x":' + deep(100_000) + "}",
+        None,
+        ["nested too deeply"],
+        id="json-nested-100000-deep",
+    ),
+    pytest.param(
+        '{"type":"plan","tenant":"acme","plan":"free","at":"2026-10-15T00:00:00Z","n":'
+        + "9" * 4301
+        + "}",
+        None,
+        ["number", "4300 digits"],
+        id="integer-of-4301-digits",
+    ),
+    pytest.param(
+        line("plan", at="9999-12-31T23:30:00-05:00"), "at", ["out of range"], id="at-past-year-9999"
+    ),
+    pytest.param(
+        line("plan", at="0001-01-01T00:30:00+05:00"), "at", ["out of range"], id="at-before-year-1"
+    ),
+    pytest.param(
+        line("host_post", at="9999-06-01T00:00:00Z"),
+        "at",
+        ["out of range", "1970-01-01", "9999-01-01"],
+        id="at-in-year-9999",
+    ),
+    pytest.param(
+        line("host_post", at="1969-12-31T23:59:59Z"),
+        "at",
+        ["out of range", "1970-01-01"],
+        id="at-before-1970",
+    ),
+    pytest.param(
+        line("service_post", service=FOUR_BYTES * 64),
+        "service",
+        ["256 bytes", "at most 255"],
+        id="service-of-64-four-byte-characters",
+    ),
+    pytest.param(
+        line("service_post", service=FOUR_BYTES * 255, metrics=[FOUR_BYTES * 500]),
+        "service",
+        ["1020 bytes", "at most 255"],
+        id="service-and-metric-that-overflow-a-postgresql-index-row",
+    ),
+    pytest.param(
+        line("host_post", metrics=["ok", FOUR_BYTES * 126]),
+        "metrics",
+        ["'metrics'[1]", "504 bytes", "1 to 500 bytes"],
+        id="metric-of-126-four-byte-characters",
+    ),
+    pytest.param(
+        line("plan", tenant="é" * 101), "tenant", ["202 bytes", "at most 200"], id="tenant-in-bytes"
+    ),
+    pytest.param(
+        line("monitor", monitor="ü" * 128), "monitor", ["256 bytes"], id="monitor-in-bytes"
+    ),
+    pytest.param(
+        line("anomaly_role", role="ロ" * 86), "role", ["258 bytes"], id="role-in-bytes"
+    ),
+    pytest.param(
+        line("role_member", host="ホ" * 86), "host", ["258 bytes"], id="member-host-in-bytes"
+    ),
+    pytest.param(
+        '{"type":"plan","tenant":"\\ud800","plan":"free","at":"2026-10-15T00:00:00Z"}',
+        "tenant",
+        ["surrogate"],
+        id="escaped-lone-surrogate",
+    ),
+    pytest.param(
+        b'{"type":"plan","tenant":"ac\x00me","plan":"free","at":"2026-10-15T00:00:00Z"}',
+        None,
+        ["not valid JSON"],
+        id="raw-nul-byte",
+    ),
+    pytest.param(
+        '{"type":"plan","tenant":"acme","plan":"free","at":"2026-10-15T00:00:00Z"}\x00',
+        None,
+        ["not valid JSON"],
+        id="nul-after-the-object",
+    ),
+    pytest.param("42", None, ["expected a JSON object, got int"], id="json-number"),
+    pytest.param("true", None, ["expected a JSON object, got bool"], id="json-true"),
+    pytest.param(
+        b"\xef\xbb\xbf" + line("plan").encode(),
+        None,
+        ["byte order mark"],
+        id="bom-on-a-line-that-is-not-the-first",
+    ),
+    pytest.param(
+        line("plan", tenant=["x" * 1000] * 500),
+        "tenant",
+        ["non-empty string"],
+        id="huge-list-as-tenant",
+    ),
+    pytest.param(
+        line("plan", v=10**4000), "v", ["schema version 1"], id="huge-schema-version"
+    ),
+    pytest.param(
+        line("plan", type="x" * 100_000), "type", ["expected one of plan"], id="huge-type"
+    ),
+    pytest.param(
+        line("host_post", at="2026-10-15T10:03:00Z" + " " * 100_000),
+        "at",
+        ["not an ISO 8601 instant"],
+        id="huge-at",
+    ),
+    pytest.param(
+        '{"type":"plan","tenant":"acme","plan":"free","at":"2026-10-15T00:00:00Z","pad":"'
+        + "x" * (1 << 20)
+        + '"}',
+        None,
+        ["longer than 1048576 bytes"],
+        id="line-over-1-mib",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "fragments"), HOSTILE)
+def test_hostile_lines_are_one_invalid_record(
+    text: str | bytes, field: str | None, fragments: list[str]
+) -> None:
+    """Each is one rejected line (never RecursionError, ValueError, OverflowError…), and its
+    message is one line of sane length that names the line and the field."""
+    with pytest.raises(InvalidRecord) as info:
+        parse_line(text, line=9)
+    exc = info.value
+    assert (exc.line, exc.field) == (9, field)
+    assert str(exc).startswith("line 9: ")
+    for fragment in fragments:
+        assert fragment in exc.message, f"{fragment!r} not in {exc.message!r}"
+    assert "\n" not in str(exc) and "\r" not in str(exc)
+    assert len(str(exc)) <= 400, str(exc)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"tenant": FOUR_BYTES * 50}, "tenant"),  # 200 bytes
+        ({"host": FOUR_BYTES * 63 + "abc"}, "host"),  # 255 bytes
+        ({"metrics": [FOUR_BYTES * 125]}, "metrics"),  # 500 bytes
+    ],
+)
+def test_names_at_their_byte_limit_are_accepted(changes: dict[str, Any], field: str) -> None:
+    rec = parse_line(line("host_post", **changes), line=1)
+    assert isinstance(rec, HostPost)
+    value = getattr(rec, field)
+    assert value == (tuple(changes[field]) if field == "metrics" else changes[field])
+
+
+@pytest.mark.parametrize(
+    ("at", "expected"),
+    [
+        ("1970-01-01T00:00:00Z", datetime(1970, 1, 1, tzinfo=UTC)),
+        ("1970-01-01T09:00:00+09:00", datetime(1970, 1, 1, tzinfo=UTC)),
+        ("9998-12-31T23:59:59.999999Z", datetime(9998, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+    ],
+)
+def test_instants_at_the_ends_of_the_range_are_accepted(at: str, expected: datetime) -> None:
+    rec = parse_line(line("plan", at=at), line=1)
+    assert isinstance(rec, PlanChange) and rec.at == expected
+
+
+def test_a_bad_value_is_shown_cut_short() -> None:
+    with pytest.raises(InvalidRecord) as info:
+        parse_line(line("host_post", kind="k" * 10_000), line=1)
+    assert "'kkkk" in info.value.message
+    assert "10000 characters" in info.value.message
+    assert len(info.value.message) < 200
