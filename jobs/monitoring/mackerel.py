@@ -38,14 +38,24 @@ Graphs
     returns ``True`` on success and the *caller* records that, next to its checkpoint.
 
 Delivery contract
-    :meth:`MackerelExporter.export` skips points older than 24 hours (Mackerel drops them) with a
-    ``mackerel_points_too_old`` warning, sorts the rest by time and posts them in batches.
+    :meth:`MackerelExporter.export` skips points older than 24 hours (Mackerel refuses them) with
+    a ``mackerel_points_too_old`` warning, sorts the rest by time and posts them in batches.
     429, 5xx and connection errors are retried with exponential backoff (``Retry-After`` is
-    honoured, capped at :data:`MAX_RETRY_AFTER_S`); other 4xx fail at once. On success it returns
-    :class:`ExportResult`; on failure it raises :class:`MackerelError` whose ``sent_until`` is the
-    newest time *T* such that every point at or before *T* was accepted (``None`` if none). The
-    caller advances its checkpoint to ``result.last_time`` or ``error.sent_until`` and nothing
-    further, so a failure never loses points; re-sent points overwrite themselves in Mackerel.
+    honoured, capped at :data:`MAX_RETRY_AFTER_S`); other 4xx fail at once. With a ``deadline``
+    (a :func:`time.monotonic` instant) no request runs past it: each request's timeouts are cut to
+    the time left, and a wait (backoff or ``Retry-After``) that would end past it ends the export
+    instead, reporting ``retry_at`` when Mackerel asked to wait longer than the time left.
+
+    Each batch ends *delivered* (Mackerel answered 2xx), *refused* (it answered an error, so
+    nothing of that request is still in flight) or *in doubt*: a request was cut off after it
+    was sent (read timeout, dropped connection), so Mackerel may still apply it later, possibly
+    after a newer value for the same (name, time). A batch retried into success after such a cut
+    is delivered *and* in doubt. :class:`ExportResult` lists the delivered, in-doubt and too-old
+    points; on failure :class:`MackerelError` carries the same as ``partial``, and ``sent_until``
+    is the newest time *T* such that every point at or before *T* was delivered (``None`` if
+    none). Mackerel keeps the last value posted for a (name, time), so sending a point again is
+    harmless; what the caller must make sure of is that the *last* value to land is the
+    store's (see :mod:`jobs.monitoring.exports`).
 
 The API key is sent in a header only; it is never logged, never in a message, never in a repr.
 """
@@ -83,13 +93,38 @@ log = structlog.get_logger("hostmeter.mackerel")
 MAX_AGE = timedelta(hours=24)
 """Mackerel drops points older than this, so they are skipped before sending."""
 MAX_RETRY_AFTER_S = 300.0
-"""A ``Retry-After`` longer than this is cut to it, so a batch job never stalls for hours."""
+"""A ``Retry-After`` longer than this is cut to it, so a hostile answer cannot stop exports for
+hours; within a pass a wait never goes past the pass's deadline either."""
+_MIN_ATTEMPT_S = 0.05
+"""Less time than this left before the deadline: no new request is started."""
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
+             httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+"""Transport errors raised before the request left this process: nothing can land later."""
 
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9._-]")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportResult:
+    """What one :meth:`MackerelExporter.export` delivered (all of it, or up to a failure)."""
+
+    sent: int
+    skipped_old: int
+    batches: int
+    last_time: datetime | None
+    """The newest point time sent (every point at or before it was accepted), or ``None``."""
+    delivered: tuple[MetricPoint, ...] = ()
+    """Points Mackerel accepted (answered 2xx)."""
+    in_doubt: tuple[MetricPoint, ...] = ()
+    """Points of a request cut off after it was sent: Mackerel may still apply it later."""
+    too_old: tuple[MetricPoint, ...] = ()
+    """Points older than :data:`MAX_AGE`, not sent."""
+
+
 class MackerelError(JobError):
-    """Mackerel refused or could not be reached; ``sent_until`` is how far delivery got."""
+    """Mackerel refused or could not be reached; ``sent_until`` is how far delivery got,
+    ``partial`` what was delivered before, and ``retry_at`` when Mackerel asked to be left
+    alone until (a ``Retry-After`` longer than the time the pass had left)."""
 
     def __init__(
         self,
@@ -98,22 +133,31 @@ class MackerelError(JobError):
         status: int | None,
         sent_until: datetime | None,
         sent: int = 0,
+        partial: ExportResult | None = None,
+        retry_at: datetime | None = None,
     ) -> None:
         super().__init__(message, status=status, sent_until=sent_until, sent=sent)
         self.status = status
         self.sent_until = sent_until
         self.sent = sent
+        self.partial = partial
+        self.retry_at = retry_at
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ExportResult:
-    """What one successful :meth:`MackerelExporter.export` delivered."""
+class _Outcome:
+    """How one :meth:`MackerelExporter._post` ended."""
 
-    sent: int
-    skipped_old: int
-    batches: int
-    last_time: datetime | None
-    """The newest point time sent (every point at or before it was accepted), or ``None``."""
+    ok: bool
+    status: int | None
+    reason: str
+    attempts: int
+    in_doubt: bool
+    """Some attempt was cut off after sending: the request may still land."""
+    out_of_time: bool
+    """The deadline stopped the retries (``reason`` says what the last attempt got)."""
+    retry_after: float | None
+    """The last ``Retry-After`` Mackerel sent (seconds, capped), if any."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -216,10 +260,12 @@ class MackerelExporter:
         *,
         base_url: str = "https://api.mackerelio.com",
         client: httpx.Client | None = None,
+        timeout_s: float = 10.0,
         batch_size: int = 100,
         max_attempts: int = 5,
         backoff_s: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
         clock: Callable[[], datetime],
     ) -> None:
         if not api_key:
@@ -230,11 +276,12 @@ class MackerelExporter:
         self.service = service
         self.base_url = base_url.rstrip("/")
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=10.0)
+        self._client = client if client is not None else httpx.Client(timeout=timeout_s)
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self._sleep = sleep
+        self._monotonic = monotonic
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -256,13 +303,17 @@ class MackerelExporter:
         """The path service metrics are posted to."""
         return f"/api/v0/services/{self.service}/tsdb"
 
-    def export(self, points: Sequence[MetricPoint]) -> ExportResult:
-        """Send ``points`` (skipping those older than 24 h) in time order, in batches.
+    def export(self, points: Sequence[MetricPoint], *,
+               deadline: float | None = None) -> ExportResult:
+        """Send ``points`` (skipping those older than 24 h) in time order, in batches, stopping
+        at ``deadline`` (a :func:`time.monotonic` instant) if given.
 
-        Returns what was sent; raises :class:`MackerelError` with ``sent_until`` on failure.
+        Returns what was sent; raises :class:`MackerelError` with ``sent_until`` and ``partial``
+        on failure.
         """
+        started = self._monotonic()
         cutoff = self._clock() - MAX_AGE
-        old = [p for p in points if p.time < cutoff]
+        old = tuple(p for p in points if p.time < cutoff)
         if old:
             log.warning(
                 "mackerel_points_too_old",
@@ -273,6 +324,14 @@ class MackerelExporter:
         fresh = sorted((p for p in points if p.time >= cutoff), key=lambda p: (p.time, p.name))
         sent = 0
         batches = 0
+        in_doubt: list[MetricPoint] = []
+
+        def result() -> ExportResult:
+            return ExportResult(sent=sent, skipped_old=len(old), batches=batches,
+                                last_time=_sent_until(fresh, sent),
+                                delivered=tuple(fresh[:sent]), in_doubt=tuple(in_doubt),
+                                too_old=old)
+
         for start in range(0, len(fresh), self.batch_size):
             batch = fresh[start : start + self.batch_size]
             body = [
@@ -283,79 +342,138 @@ class MackerelExporter:
                 }
                 for p in batch
             ]
-            try:
-                self._post(self.tsdb_path, body)
-            except MackerelError as exc:
-                sent_until = _sent_until(fresh, sent)
+            outcome = self._post(self.tsdb_path, body, deadline=deadline)
+            if outcome.in_doubt:
+                in_doubt.extend(batch)
+            if not outcome.ok:
+                partial = result()
+                retry_at = None
+                if outcome.out_of_time and outcome.retry_after is not None:
+                    waited = timedelta(seconds=self._monotonic() - started)
+                    retry_at = self._clock() + waited + timedelta(seconds=outcome.retry_after)
                 log.error(
                     "mackerel_export_failed",
                     service=self.service,
-                    status=exc.status,
+                    status=outcome.status,
                     sent=sent,
                     pending=len(fresh) - sent,
-                    sent_until=sent_until.isoformat() if sent_until else None,
+                    in_doubt=len(in_doubt),
+                    out_of_time=outcome.out_of_time,
+                    retry_at=retry_at.isoformat() if retry_at else None,
+                    sent_until=partial.last_time.isoformat() if partial.last_time else None,
                 )
                 raise MackerelError(
-                    exc.message, status=exc.status, sent_until=sent_until, sent=sent
-                ) from exc
+                    _failure(self.tsdb_path, outcome, pending=len(fresh) - sent),
+                    status=outcome.status, sent_until=partial.last_time, sent=sent,
+                    partial=partial, retry_at=retry_at,
+                )  # fmt: skip
             sent += len(batch)
             batches += 1
-        last_time = fresh[-1].time if fresh else None
+        done = result()
+        if in_doubt:
+            log.warning("mackerel_points_in_doubt", service=self.service, count=len(in_doubt))
         log.info(
             "mackerel_exported",
             service=self.service,
             sent=sent,
             batches=batches,
             skipped_old=len(old),
-            last_time=last_time.isoformat() if last_time else None,
+            last_time=done.last_time.isoformat() if done.last_time else None,
         )
-        return ExportResult(sent=sent, skipped_old=len(old), batches=batches, last_time=last_time)
+        return done
 
-    def post_graph_definitions(self) -> bool:
+    def post_graph_definitions(self, *, deadline: float | None = None) -> bool:
         """Post :func:`graph_definitions`; ``True`` on success, for the caller to record.
 
-        Raises :class:`MackerelError` (``sent_until`` is ``None``) when Mackerel refuses.
+        Raises :class:`MackerelError` (``sent_until`` is ``None``) when Mackerel refuses or the
+        ``deadline`` comes first.
         """
-        self._post("/api/v0/graph-defs/create", graph_definitions())
+        path = "/api/v0/graph-defs/create"
+        outcome = self._post(path, graph_definitions(), deadline=deadline)
+        if not outcome.ok:
+            raise MackerelError(_failure(path, outcome), status=outcome.status, sent_until=None)
         log.info("mackerel_graph_definitions_posted", graphs=len(GROUPS))
         return True
 
-    def _post(self, path: str, body: list[dict[str, Any]]) -> None:
-        """POST ``body`` as JSON, retrying 429, 5xx and connection errors; raise on failure."""
+    def _timeout(self, left: float) -> httpx.Timeout:
+        """The client's timeouts, each cut to ``left`` seconds."""
+        base = self._client.timeout
+
+        def cut(value: float | None) -> float:
+            return left if value is None else min(value, left)
+
+        return httpx.Timeout(connect=cut(base.connect), read=cut(base.read),
+                             write=cut(base.write), pool=cut(base.pool))
+
+    def _post(self, path: str, body: list[dict[str, Any]], *,
+              deadline: float | None) -> _Outcome:
+        """POST ``body`` as JSON, retrying 429, 5xx and connection errors until ``deadline``."""
         url = self.base_url + path
         content = json.dumps(body, allow_nan=False).encode()
         headers = {"X-Api-Key": self._api_key, "Content-Type": "application/json"}
         reason = ""
         status: int | None = None
-        for attempt in range(1, self.max_attempts + 1):
+        in_doubt = out_of_time = False
+        retry_after: float | None = None
+        attempt = 0
+        while attempt < self.max_attempts:
+            left = None if deadline is None else deadline - self._monotonic()
+            if left is not None and left < _MIN_ATTEMPT_S:
+                out_of_time = True
+                break
+            attempt += 1
             wait = self.backoff_s * 2 ** (attempt - 1)
+            timeout: Any = httpx.USE_CLIENT_DEFAULT if left is None else self._timeout(left)
             try:
-                response = self._client.post(url, content=content, headers=headers)
+                response = self._client.post(url, content=content, headers=headers,
+                                             timeout=timeout)
             except httpx.TransportError as exc:
                 status, reason = None, f"connection error ({type(exc).__name__})"
+                if not isinstance(exc, _NOT_SENT):
+                    in_doubt = True  # sent, then cut off: Mackerel may still apply it
             else:
                 status = response.status_code
                 if response.is_success:
-                    return
+                    return _Outcome(ok=True, status=status, reason="", attempts=attempt,
+                                    in_doubt=in_doubt, out_of_time=False,
+                                    retry_after=retry_after)
                 reason = f"HTTP {status}"
                 detail = _one_line(response.text.replace(self._api_key, "***"))
                 if detail:
                     reason += f" ({detail})"
                 if status != 429 and status < 500:
                     break  # a request Mackerel will never accept: retrying cannot help
-                wait = _retry_after(response) or wait
-            if attempt < self.max_attempts:
-                log.warning(
-                    "mackerel_retry",
-                    path=path,
-                    attempt=attempt,
-                    status=status,
-                    wait_s=wait,
-                )
-                self._sleep(wait)
-        tries = "once" if attempt == 1 else f"after {attempt} attempts"
-        raise MackerelError(f"Mackerel POST {path} failed {tries}: {reason}", status=status,
-                            sent_until=None)  # fmt: skip
+                retry_after = _retry_after(response)
+                wait = retry_after or wait
+            if attempt >= self.max_attempts:
+                break
+            if deadline is not None and self._monotonic() + wait >= deadline:
+                out_of_time = True  # the next try belongs to the next pass
+                break
+            log.warning(
+                "mackerel_retry",
+                path=path,
+                attempt=attempt,
+                status=status,
+                wait_s=wait,
+            )
+            self._sleep(wait)
+        return _Outcome(ok=False, status=status, reason=reason, attempts=attempt,
+                        in_doubt=in_doubt, out_of_time=out_of_time, retry_after=retry_after)
+
+
+def _failure(path: str, outcome: _Outcome, *, pending: int | None = None) -> str:
+    """A one-line message for a failed POST (never the key: ``reason`` has it masked)."""
+    if outcome.attempts == 0:
+        message = f"Mackerel POST {path} not tried: the pass ran out of time"
+    else:
+        tries = "once" if outcome.attempts == 1 else f"after {outcome.attempts} attempts"
+        message = f"Mackerel POST {path} failed {tries}: {outcome.reason}"
+        if outcome.out_of_time:
+            message += "; the pass ran out of time"
+    if outcome.out_of_time and pending:
+        message += f", {pending} points wait for the next pass"
+    return message
 
 
 def _sent_until(fresh: Sequence[MetricPoint], sent: int) -> datetime | None:

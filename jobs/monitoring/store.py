@@ -1,5 +1,5 @@
 """The job-metrics store: how far the job logs have been read, the runs read from them, the
-metrics derived from those runs, and how far each exporter has delivered them.
+metrics derived from those runs, and what each exporter has delivered of them.
 
 Written by :mod:`jobs.monitoring.logmetrics` (and the exporters' checkpoints by
 :mod:`jobs.monitoring.exports`); read by the exporters and the dashboard.
@@ -11,7 +11,13 @@ import sqlalchemy as sa
 
 from metering.db import UTCDateTime, metadata
 
-__all__ = ["export_checkpoints", "job_metrics", "log_checkpoints", "log_runs"]
+__all__ = [
+    "export_checkpoints",
+    "export_deliveries",
+    "job_metrics",
+    "log_checkpoints",
+    "log_runs",
+]
 
 log_checkpoints = sa.Table(
     "log_checkpoints",
@@ -63,5 +69,29 @@ export_checkpoints = sa.Table(
     sa.Column("sent_until", UTCDateTime, nullable=True),
     sa.Column("graphs_posted", sa.Boolean, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("retry_at", UTCDateTime, nullable=True),
 )
-"""Per exporter: the newest bucket delivered (advanced only after a successful send)."""
+"""Per exporter: the newest bucket delivered (informative: what is sent is decided per point by
+``export_deliveries``), whether the graph definitions were posted, and ``retry_at``, the instant
+the endpoint asked (``Retry-After``) not to be called before."""
+
+export_deliveries = sa.Table(
+    "export_deliveries",
+    metadata,
+    sa.Column("exporter", sa.String(32), primary_key=True),
+    sa.Column("bucket", UTCDateTime, primary_key=True),
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("job", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(16), primary_key=True),
+    sa.Column("value", sa.Numeric(24, 6), nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("doubt_until", UTCDateTime, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+"""Per exporter and ``job_metrics`` point: the value the exporter is done with. ``outcome`` is
+``delivered`` (the endpoint accepted ``value``), ``too_old`` (``value`` is past what the endpoint
+accepts, so it was not sent) or ``in_doubt`` (a request carrying the point was cut off before
+any value was ever accepted; ``value`` is NULL). ``doubt_until`` (NULL when none) is set when a
+request carrying the point was cut off after it was sent: it may still land until then,
+possibly over a newer value, so the point is sent once more after it. A point whose stored value
+differs from ``value``, or whose ``doubt_until`` has passed, is sent by the next pass."""

@@ -5,6 +5,7 @@ import json
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,18 +50,31 @@ class Fake:
     body: str = '{"success": true}'
     requests: list[httpx.Request] = field(default_factory=list)
     sleeps: list[float] = field(default_factory=list)
+    raises: dict[int, Exception] = field(default_factory=dict)
+    """Request index → the transport error raised instead of answering."""
+    t: float = 0.0
+    """The fake monotonic clock: advanced by every sleep and ``request_s`` per request."""
+    request_s: float = 0.0
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
+        self.t += self.request_s
         i = len(self.requests) - 1
+        if i in self.raises:
+            raise self.raises[i]
         status = self.statuses[min(i, len(self.statuses) - 1)]
         return httpx.Response(status, headers=self.headers.get(i, {}), text=self.body)
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += seconds
 
     def exporter(self, **kwargs: Any) -> MackerelExporter:
         client = httpx.Client(transport=httpx.MockTransport(self.handle))
         return MackerelExporter(
-            KEY, "hostmeter", client=client, sleep=self.sleeps.append, clock=lambda: NOW, **kwargs
-        )
+            KEY, "hostmeter", client=client, sleep=self.sleep, monotonic=lambda: self.t,
+            clock=lambda: NOW, **kwargs,
+        )  # fmt: skip
 
     def bodies(self) -> list[list[dict[str, Any]]]:
         return [json.loads(r.content) for r in self.requests]
@@ -197,6 +211,75 @@ def test_other_4xx_is_not_retried() -> None:
     assert KEY not in str(info.value)
 
 
+def test_retry_after_longer_than_the_time_left_ends_the_export_at_once() -> None:
+    fake = Fake(statuses=[429], headers={0: {"Retry-After": "120"}}, request_s=0.5)
+    with pytest.raises(MackerelError) as info:
+        fake.exporter().export([point(1), point(2)], deadline=30.0)
+
+    err = info.value
+    assert fake.sleeps == [] and len(fake.requests) == 1  # no 2-minute wait inside the pass
+    assert err.status == 429 and "ran out of time" in str(err) and "2 points" in str(err)
+    # Mackerel's wish is reported, counted from when it was made (0.5 s into the pass)
+    assert err.retry_at == NOW + timedelta(seconds=120.5)
+    assert err.partial is not None and err.partial.delivered == ()
+
+
+def test_backoff_never_sleeps_past_the_deadline() -> None:
+    fake = Fake(statuses=[503], request_s=0.25)
+    with pytest.raises(MackerelError) as info:
+        fake.exporter(max_attempts=10).export([point(1)], deadline=5.0)
+
+    assert fake.sleeps == [1.0, 2.0]  # the next wait (4 s) would end past the deadline
+    assert fake.t < 5.0 and len(fake.requests) == 3
+    assert info.value.retry_at is None and "ran out of time" in str(info.value)
+
+
+def test_no_request_starts_once_the_deadline_has_passed() -> None:
+    fake = Fake(t=10.0)
+    with pytest.raises(MackerelError) as info:
+        fake.exporter().export([point(1)], deadline=10.0)
+    assert fake.requests == [] and "not tried" in str(info.value)
+
+
+def test_request_timeouts_are_cut_to_the_time_left() -> None:
+    fake = Fake(request_s=2.0)  # each request takes 2 s of the 12.5 s left
+    client = httpx.Client(transport=httpx.MockTransport(fake.handle), timeout=10.0)
+    exporter = MackerelExporter(KEY, "hostmeter", client=client, batch_size=1,
+                                monotonic=lambda: fake.t, clock=lambda: NOW)  # fmt: skip
+    exporter.export([point(3), point(2), point(1)], deadline=12.5)
+
+    timeouts = [r.extensions["timeout"] for r in fake.requests]
+    assert [t["read"] for t in timeouts] == [10.0, 10.0, 8.5]
+    assert all(t["connect"] == t["read"] == t["write"] == t["pool"] for t in timeouts)
+
+
+def test_a_request_cut_off_after_sending_leaves_its_points_in_doubt() -> None:
+    fake = Fake(raises={0: httpx.ReadTimeout("late")}, statuses=[200])
+    first, second = point(2), point(1)
+    result = fake.exporter(batch_size=1).export([first, second])
+
+    # retried into success, but the first request may still land: delivered *and* in doubt
+    assert len(fake.requests) == 3 and fake.sleeps == [1.0]
+    assert result.delivered == (first, second) and result.in_doubt == (first,)
+
+
+def test_a_request_that_never_left_is_not_in_doubt() -> None:
+    fake = Fake(raises={0: httpx.ConnectError("refused"), 1: httpx.ConnectTimeout("slow")})
+    result = fake.exporter().export([point(1)])
+    assert len(fake.requests) == 3 and result.in_doubt == ()
+
+
+def test_a_final_timeout_reports_the_batch_in_doubt_and_not_delivered() -> None:
+    fake = Fake(statuses=[200], raises={1: httpx.ReadTimeout("late")})
+    points = [point(2), point(1)]
+    with pytest.raises(MackerelError) as info:
+        fake.exporter(batch_size=1, max_attempts=1).export(points)
+    partial = info.value.partial
+    assert partial is not None
+    assert partial.delivered == (points[0],) and partial.in_doubt == (points[1],)
+    assert info.value.sent_until == points[0].time
+
+
 def test_graph_definitions_are_posted_and_match_the_exported_names() -> None:
     fake = Fake()
     assert fake.exporter(base_url="https://mackerel.example/").post_graph_definitions() is True
@@ -292,6 +375,39 @@ def test_real_server_gets_every_point_after_a_500(
     assert {s.content_type for s in seen} == {"application/json"}
     received = [m["value"] for s in seen[1:] for m in s.body]
     assert received == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_real_server_answering_after_the_timeout_leaves_the_batch_in_doubt() -> None:
+    from mackerelfake import Fault, MackerelStandIn
+
+    points = [point(10 - i, str(i), job="snapshot-usage", status="succeeded") for i in range(3)]
+    with MackerelStandIn(KEY, late_s=1.0) as mackerel, httpx.Client(timeout=0.3) as client:
+        mackerel.then(Fault.late())  # stores the points, answers after the client gave up
+        exporter = MackerelExporter(KEY, "hostmeter", base_url=mackerel.base_url, client=client,
+                                    backoff_s=0.05, clock=lambda: NOW)  # fmt: skip
+        result = exporter.export(points, deadline=time.monotonic() + 5)
+        held = mackerel.state()
+
+    assert [r.fault.kind for r in mackerel.tsdb_requests()] == ["late", "ok"]
+    assert result.delivered == tuple(points) and result.in_doubt == tuple(points)
+    assert held == {"hostmeter.job.runs.snapshot-usage.succeeded": {
+        int(p.time.timestamp()): float(p.value) for p in points}}
+
+
+def test_real_server_hanging_costs_no_more_than_the_time_left() -> None:
+    from mackerelfake import Fault, MackerelStandIn
+
+    with MackerelStandIn(KEY) as mackerel, httpx.Client(timeout=30) as client:
+        mackerel.always(Fault.hang())
+        exporter = MackerelExporter(KEY, "hostmeter", base_url=mackerel.base_url, client=client,
+                                    clock=lambda: NOW)  # fmt: skip
+        start = time.monotonic()
+        with pytest.raises(MackerelError) as info:
+            exporter.export([point(1)], deadline=start + 1.0)
+        elapsed = time.monotonic() - start
+
+    assert elapsed < 2.0, elapsed
+    assert info.value.partial is not None and len(info.value.partial.in_doubt) == 1
 
 
 def _closed_port() -> int:
