@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
 from metering import ingest, records
@@ -364,3 +366,106 @@ def test_the_earliest_instant_accepted_is_stored(engine: Engine) -> None:
     ingest_lines(engine, [host("acme", "h-1", ["a"], at="1970-01-01T09:00:00+09:00")])
     hours = [r[1] for r in natural_dump(engine)["host_hours"]]
     assert hours == [datetime(1970, 1, 1, tzinfo=UTC)]
+
+
+# --- property: any mix of good and hostile lines ------------------------------------------------
+
+_TENANTS = st.sampled_from(["acme", "globex", "ホスト社"])
+_HOSTS = st.sampled_from(["h-1", "h-2", "db\U0001f600"])
+_METRICS = st.lists(st.sampled_from(["a", "b", "cpu.user", "é", "x" * 500]), min_size=1,
+                    max_size=4)
+_ATS = st.sampled_from(["2026-10-15T10:03:00Z", "2026-10-15T10:59:59.999Z",
+                        "2026-10-15T20:00:00+09:00", "2026-10-15T11:00:00Z"])
+_GOOD_LINES = st.one_of(
+    st.builds(lambda t, h, ms, at, k: host(t, h, ms, at=at, kind=k),
+              _TENANTS, _HOSTS, _METRICS, _ATS, st.sampled_from(["standard", "micro"])),
+    st.builds(lambda t, s, ms, at: service(t, s, ms, at=at),
+              _TENANTS, st.sampled_from(["web", "api"]), _METRICS, _ATS),
+    st.builds(lambda t, p, at: _line(type="plan", tenant=t, plan=p, at=at),
+              _TENANTS, st.sampled_from(["free", "trial", "standard"]), _ATS),
+    st.builds(lambda t, at, s: _line(type="monitor", tenant=t, monitor="m-1", at=at, state=s),
+              _TENANTS, _ATS, st.sampled_from(["created", "deleted"])),
+    st.builds(lambda t, at, e: _line(type="anomaly_role", tenant=t, role="web", at=at,
+                                     enabled=e), _TENANTS, _ATS, st.booleans()),
+    st.builds(lambda t, h, at, j: _line(type="role_member", tenant=t, role="web", host=h,
+                                        at=at, member=j), _TENANTS, _HOSTS, _ATS, st.booleans()),
+)
+_TOO_LONG = {field: random_text(random.Random(field), limit + 4)
+             for field, limit in records.BYTE_LIMITS.items()}
+
+
+def _spoiled(text: str, field: str, value: Any) -> str:
+    """A good line with one field made invalid, or as good when the record has no such field."""
+    obj = json.loads(text)
+    if field not in obj:
+        obj["tenant"] = value if field in ("tenant", "at", "metrics") else ""
+    else:
+        obj[field] = value
+    return json.dumps(obj)
+
+
+_HOSTILE_LINES = st.one_of(
+    st.sampled_from(sorted(v for k, v in POISON.items() if k != "line-over-1-mib")),
+    st.builds(
+        lambda text, field, value: _spoiled(text, field, value).encode(),
+        _GOOD_LINES,
+        st.sampled_from(["tenant", "host", "service", "monitor", "role"]),
+        st.sampled_from(["", "a\x00b", "x\ud800", 7, None, ["h"]])
+        | st.sampled_from(sorted(_TOO_LONG.values())),
+    ),
+    st.builds(lambda text, at: _spoiled(text, "at", at).encode(), _GOOD_LINES,
+              st.sampled_from(["9999-12-31T23:30:00-05:00", "0001-01-01T00:30:00+05:00",
+                               "1969-12-31T23:59:59Z", "2026-10-15T10:03:00", 1760522580])),
+    st.builds(lambda text, ms: _spoiled(text, "metrics", ms).encode(), _GOOD_LINES,
+              st.sampled_from([[], ["ok", ""], [_TOO_LONG["metrics"]], ["a\x00"], [["a"]]])),
+    st.builds(lambda text, cut: text.encode()[:cut], _GOOD_LINES, st.integers(1, 30)),
+    st.builds(lambda text, junk: text.encode() + junk, _GOOD_LINES,
+              st.sampled_from([b"\xff", b"}", b"\x00", b",{}"])),
+)
+
+
+@st.composite
+def _mixed_lines(draw: st.DrawFn) -> tuple[list[bytes], list[bool]]:
+    """Lines, and for each whether it is good; blank lines are neither."""
+    lines: list[bytes] = []
+    good: list[bool] = []
+    for kind in draw(st.lists(st.sampled_from(["good", "good", "hostile", "blank"]),
+                              max_size=14)):
+        if kind == "blank":
+            lines.append(draw(st.sampled_from([b"", b"  ", b"\r\n"])))
+        else:
+            strategy = _GOOD_LINES.map(str.encode) if kind == "good" else _HOSTILE_LINES
+            lines.append(draw(strategy))
+        good.append(kind == "good")
+    return lines, good
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(mixed=_mixed_lines(), batch_size=st.sampled_from([1, 3, 5000]))
+def test_any_mix_is_rejected_whole_or_loads_exactly_its_good_lines(
+    engine: Engine, mixed: tuple[list[bytes], list[bool]], batch_size: int
+) -> None:
+    """Without --skip-invalid: one bad line rejects the input and nothing is written. With it:
+    the database holds what ingesting only the good lines into an empty one gives."""
+    lines, good = mixed
+    bad_at = [i for i, text in enumerate(lines, start=1) if not good[i - 1] and text.strip()]
+    for i in bad_at:  # every hostile line is one invalid record, nothing else
+        with pytest.raises(InvalidRecord):
+            records.parse_line(lines[i - 1], line=i)
+
+    reset(engine)
+    if bad_at:
+        with pytest.raises(InvalidBatch) as info:
+            ingest_lines(engine, lines, batch_size=batch_size)
+        assert info.value.count == len(bad_at)
+        assert [e.line for e in info.value.errors] == bad_at[:KEEP_ERRORS]
+        assert is_empty(engine)
+
+    reset(engine)
+    summary = ingest_lines(engine, lines, skip_invalid=True, batch_size=batch_size)
+    assert summary.rejected == len(bad_at)
+    assert summary.records == sum(good)
+    loaded = natural_dump(engine)
+    assert loaded == good_only(engine, [t for t, g in zip(lines, good, strict=True) if g])

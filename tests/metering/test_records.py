@@ -7,9 +7,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from metering.errors import InvalidRecord
 from metering.records import (
+    BYTE_LIMITS,
+    EARLIEST,
+    LATEST,
     AnomalyRole,
     HostPost,
     MonitorChange,
@@ -614,3 +619,98 @@ def test_a_bad_value_is_shown_cut_short() -> None:
     assert "'kkkk" in info.value.message
     assert "10000 characters" in info.value.message
     assert len(info.value.message) < 200
+
+
+# --- property: any line is a record or one InvalidRecord ---------------------------------------
+
+_NAMES = st.one_of(
+    st.sampled_from(["acme", "h-1", "web", "cpu.user", "ホスト", "", " ", "\x00", "a\x00b"]),
+    st.text(max_size=12),
+    st.text(st.characters(codec="utf-8"), min_size=40, max_size=140),  # near the byte limits
+    st.builds(lambda n, c: c * n, st.integers(45, 130), st.sampled_from(["\U0001f600", "é", "x"])),
+    st.builds(lambda s, c: s + c, st.text(max_size=4), st.characters(categories=["Cs"])),
+)
+_INSTANTS = st.one_of(
+    st.sampled_from(["2026-10-15T10:03:00Z", "9999-12-31T23:30:00-05:00",
+                     "0001-01-01T00:30:00+05:00", "1969-12-31T23:59:59Z", "1970-01-01T00:00:00Z",
+                     "9998-12-31T23:59:59.999999Z", "9999-01-01T00:00:00Z", "2026-10-15T10:03:00",
+                     "2026-13-01T00:00:00Z", ""]),
+    st.builds(lambda d: d.isoformat(),
+              st.datetimes(timezones=st.timezones() | st.none(), allow_imaginary=True)),
+)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                 max_size=3),
+    max_leaves=6,
+)
+_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "type": st.sampled_from([*VALID, "host", ""]) | _JSON,
+    "tenant": _NAMES | _JSON, "host": _NAMES | _JSON, "service": _NAMES | _JSON,
+    "monitor": _NAMES | _JSON, "role": _NAMES | _JSON,
+    "metrics": st.lists(_NAMES, max_size=4) | _JSON,
+    "at": _INSTANTS | _JSON,
+    "kind": st.sampled_from(["standard", "micro", "large"]) | _JSON,
+    "plan": st.sampled_from(["free", "trial", "standard", "gold"]) | _JSON,
+    "state": st.sampled_from(["created", "deleted", "paused"]) | _JSON,
+    "enabled": st.booleans() | _JSON, "member": st.booleans() | _JSON,
+    "v": st.sampled_from([1, 2, True, "1"]) | st.integers(),
+}
+
+
+@st.composite
+def _record_like(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid record with some fields replaced, dropped or added."""
+    obj = dict(VALID[draw(st.sampled_from(sorted(VALID)))])
+    for name in draw(st.lists(st.sampled_from(sorted(_FIELDS)), max_size=3, unique=True)):
+        if draw(st.booleans()):
+            obj[name] = draw(_FIELDS[name])
+        else:
+            obj.pop(name, None)
+    return obj
+
+
+def _encode(obj: Any, ascii_only: bool) -> bytes:
+    # surrogatepass: a lone surrogate written raw gives bytes that are not UTF-8
+    return json.dumps(obj, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+
+_LINES = st.one_of(
+    st.builds(_encode, _record_like(), st.booleans()),
+    st.builds(_encode, _JSON, st.booleans()),
+    st.binary(max_size=200),
+    # a valid line damaged: cut, with bytes inserted, or wrapped
+    st.builds(lambda b, i, junk: b[:i] + junk + b[i:],
+              st.builds(_encode, _record_like(), st.just(False)), st.integers(0, 200),
+              st.binary(min_size=1, max_size=4)),
+    st.builds(lambda n: b"[" * n + b"]" * n, st.integers(900, 3000)),
+    st.builds(lambda n: b'{"type":"plan","x":' + b"7" * n + b"}", st.integers(4200, 4400)),
+    st.builds(lambda b: b"\xef\xbb\xbf" + b, st.builds(_encode, _record_like(), st.just(True))),
+)
+
+
+def _storable_within(value: str, limit: int) -> bool:
+    return "\x00" not in value and value.strip() != "" and len(value.encode("utf-8")) <= limit
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_LINES)
+def test_any_line_is_a_record_or_one_invalid_record(text: bytes) -> None:
+    try:
+        rec = parse_line(text, line=5)
+    except InvalidRecord as exc:
+        assert exc.line == 5
+        assert str(exc).startswith("line 5: ")
+        assert "\n" not in str(exc) and "\r" not in str(exc)
+        assert len(str(exc)) <= 400, str(exc)
+        return
+    if rec is None:
+        assert not text.decode("utf-8").strip()
+        return
+    # What is accepted is storable on every backend.
+    for name, limit in BYTE_LIMITS.items():
+        value = getattr(rec, name, None)
+        for item in value if isinstance(value, tuple) else [value] if value is not None else []:
+            assert _storable_within(item, limit), (name, item)
+    assert rec.at.tzinfo is UTC and EARLIEST <= rec.at < LATEST
