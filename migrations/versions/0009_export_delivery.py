@@ -1,6 +1,6 @@
 """Export delivery per point: export_deliveries; export_checkpoints.retry_at.
 
-Revision ID: 0006
+Revision ID: 0009
 Revises: 0008
 Create Date: 2026-12-02 09:30:00.000000
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006'
-down_revision = '0008'  # 0007 and 0008 shipped first; one line of history
+revision = '0009'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 
