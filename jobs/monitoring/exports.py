@@ -42,7 +42,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection, Engine
 
-from jobs.monitoring.logmetrics import job_statuses, malformed_total, months
+from jobs.monitoring.logmetrics import job_statuses, malformed_total, months, overdue_counts
 from jobs.monitoring.metricdata import MetricPoint
 from jobs.monitoring.store import export_checkpoints, export_deliveries, job_metrics
 from jobs.runtime.errors import BadTrigger
@@ -289,12 +289,15 @@ def _export_locked(engine: Engine, settings: MackerelSettings, *, now: datetime,
             "mackerel_in_doubt": len(result.in_doubt)}
 
 
-def prometheus_registry(engine: Engine, zone: Any) -> Any:
-    """A fresh registry of the current job statuses and billing months."""
+def prometheus_registry(engine: Engine, zone: Any, *, now: datetime | None = None) -> Any:
+    """A fresh registry of the current job statuses, overdue runs (at ``now``, default the wall
+    clock) and billing months."""
     from jobs.monitoring.prometheus import build_registry
 
+    with reading(engine) as conn:
+        overdue = overdue_counts(conn, now or datetime.now(UTC))
     return build_registry(job_statuses(engine), months(engine, zone),
-                          malformed_lines=malformed_total(engine))
+                          malformed_lines=malformed_total(engine), overdue=overdue)
 
 
 def write_prometheus(engine: Engine, zone: Any, path: Path) -> dict[str, Any]:

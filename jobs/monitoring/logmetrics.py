@@ -41,6 +41,7 @@ from jobs.monitoring.cloudwatch import (
 from jobs.monitoring.cloudwatch import logs_client as cloudwatch_client
 from jobs.monitoring.metricdata import DashboardData, JobStatus, MetricPoint, MonthBilling, RunFact
 from jobs.monitoring.store import job_metrics, log_checkpoints, log_runs
+from jobs.runtime.ledger import job_runs
 from metering import models as m
 from metering.db import insert_ignore, reading, upsert
 from metering.report import coverage
@@ -64,6 +65,10 @@ __all__ = [
 
 BUCKET = timedelta(minutes=5)
 MALFORMED = "hostmeter.logs.malformed_lines"
+OVERDUE = "hostmeter.job.runs_overdue"
+"""Runs still ``running`` past their ledger deadline, per job, read from the run ledger (not
+the logs: a stuck run writes no ``job_finished``) at each pass, for the pass's bucket."""
+_STATE_METRICS = (MALFORMED, OVERDUE)  # kept by the recompute: not derived from log_runs
 _HEAD_BYTES = 256
 log = structlog.get_logger("hostmeter.metrics")
 
@@ -254,7 +259,7 @@ def _recompute(conn: Connection) -> int:
                                   log_runs.c.duration_s, log_runs.c.counts)).all()
     frame = pd.DataFrame(rows, columns=["finished_at", "job", "status", "duration_s", "counts"])
     metrics = _metric_rows(frame)
-    conn.execute(sa.delete(job_metrics).where(job_metrics.c.name != MALFORMED))
+    conn.execute(sa.delete(job_metrics).where(job_metrics.c.name.not_in(_STATE_METRICS)))
     if metrics:
         conn.execute(sa.insert(job_metrics), metrics)
     return len(metrics)
@@ -301,6 +306,12 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
             upsert(conn, job_metrics, [{"name": MALFORMED, "bucket": bucket, "job": "",
                                         "status": "", "value": old + total_malformed}],
                    key=["name", "bucket", "job", "status"], update=["value"])
+        overdue = overdue_counts(conn, now)
+        if overdue:
+            upsert(conn, job_metrics, [
+                {"name": OVERDUE, "bucket": _floor(now), "job": job, "status": "",
+                 "value": Decimal(count)} for job, count in sorted(overdue.items())],
+                key=["name", "bucket", "job", "status"], update=["value"])
         stored = _recompute(conn)
     log.info("job_logs_aggregated", files=len(files), log_groups=len(batches),
              log_events=events, lines=total_lines, runs=total_runs, malformed=total_malformed,
@@ -308,6 +319,15 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
     return AggregateResult(files=len(files), log_groups=len(batches), log_events=events,
                            lines=total_lines, runs=total_runs, malformed=total_malformed,
                            metrics=stored)
+
+
+def overdue_counts(conn: Connection, now: datetime) -> dict[str, int]:
+    """Per job that has ever run: how many of its runs are ``running`` past their deadline at
+    ``now`` (0 for the others, so a graph and an alert see the value fall back)."""
+    over = sa.func.sum(sa.case((sa.and_(job_runs.c.status == "running",
+                                        job_runs.c.deadline < now), 1), else_=0))
+    rows = conn.execute(sa.select(job_runs.c.job, over).group_by(job_runs.c.job)).all()
+    return {job: int(n or 0) for job, n in rows}
 
 
 # --- reading the store ---------------------------------------------------------------------

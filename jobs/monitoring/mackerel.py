@@ -20,6 +20,7 @@ Graphs
         point name (logmetrics)           labels       Mackerel graph (name before last dot)
         hostmeter.job.runs                job, status  hostmeter.job.runs.<job>: a line per status
         hostmeter.job.duration_seconds    job          a line per job
+        hostmeter.job.runs_overdue        job          a line per job (from the run ledger)
         hostmeter.job.tenants_expected    job          a line per job (also _processed, _failed)
         hostmeter.job.hosts_counted       job          a line per job (also metrics_counted,
                                                        hours_snapshotted)
@@ -175,6 +176,8 @@ GROUPS: tuple[MetricGroup, ...] = (
                 title="Job runs by status"),
     MetricGroup(name="hostmeter.job.duration_seconds", labels=("job",), unit="float",
                 title="Run duration (s)"),
+    MetricGroup(name="hostmeter.job.runs_overdue", labels=("job",), unit="integer",
+                title="Runs still running past their deadline"),
     MetricGroup(name="hostmeter.job.tenants_expected", labels=("job",), unit="integer",
                 title="Tenants expected"),
     MetricGroup(name="hostmeter.job.tenants_processed", labels=("job",), unit="integer",

@@ -26,7 +26,7 @@ Conventions the alert rules in ``infra/prometheus/alerts.yml`` rely on:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,6 +59,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "hostmeter_job_last_success_timestamp_seconds",
         "hostmeter_job_last_duration_seconds",
         "hostmeter_job_runs_total",
+        "hostmeter_job_runs_overdue",
         "hostmeter_job_tenants_expected",
         "hostmeter_job_tenants_processed",
         "hostmeter_job_tenants_failed",
@@ -91,9 +92,11 @@ class HostmeterCollector(Collector):
         *,
         malformed_lines: int = 0,
         expected_jobs: Sequence[str] = (),
+        overdue: Mapping[str, int] | None = None,
     ) -> None:
         self._jobs = {status.job: status for status in jobs}
-        self._job_names = sorted(set(self._jobs) | set(expected_jobs))
+        self._overdue = dict(overdue or {})
+        self._job_names = sorted(set(self._jobs) | set(expected_jobs) | set(self._overdue))
         self._months = sorted(months, key=lambda m: (m.period, m.currency))
         self._malformed_lines = malformed_lines
 
@@ -125,6 +128,12 @@ class HostmeterCollector(Collector):
             "Finished runs of the job by final status.",
             labels=["job", "status"],
         )
+        overdue = GaugeMetricFamily(
+            "hostmeter_job_runs_overdue",
+            "Runs of the job still running past their deadline (start + the job's bound), "
+            "from the run ledger.",
+            labels=["job"],
+        )
         tenants = {
             what: GaugeMetricFamily(
                 f"hostmeter_job_tenants_{what}",
@@ -134,6 +143,7 @@ class HostmeterCollector(Collector):
             for what in ("expected", "processed", "failed")
         }
         for name in self._job_names:
+            overdue.add_metric([name], self._overdue.get(name, 0))
             status = self._jobs.get(name)
             success = status.last_success if status else None
             last_success.add_metric([name], _timestamp(success) if success else 0.0)
@@ -158,6 +168,7 @@ class HostmeterCollector(Collector):
         yield last_success
         yield duration
         yield runs
+        yield overdue
         yield from tenants.values()
 
     def _billing_families(self) -> Iterator[Metric]:
@@ -211,6 +222,7 @@ def build_registry(
     *,
     malformed_lines: int = 0,
     expected_jobs: Sequence[str] = (),
+    overdue: Mapping[str, int] | None = None,
 ) -> CollectorRegistry:
     """A fresh registry holding only the hostmeter collector for these values.
 
@@ -220,7 +232,8 @@ def build_registry(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
         HostmeterCollector(
-            jobs, months, malformed_lines=malformed_lines, expected_jobs=expected_jobs
+            jobs, months, malformed_lines=malformed_lines, expected_jobs=expected_jobs,
+            overdue=overdue,
         )
     )
     return registry

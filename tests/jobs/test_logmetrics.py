@@ -113,3 +113,32 @@ def test_rotation_and_truncation_are_survived(engine: Engine, tmp_path: Path) ->
 def test_missing_paths_read_nothing(engine: Engine, tmp_path: Path) -> None:
     out = lm.aggregate(engine, [tmp_path / "nope"], now=NOW)
     assert (out.files, out.runs) == (0, 0)
+
+
+def test_overdue_runs_come_from_the_ledger_and_survive_the_recompute(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A stuck or killed run writes no job_finished line: the pass reads the run ledger."""
+    from datetime import timedelta
+
+    from jobs.runtime.ledger import job_runs
+
+    start = NOW - timedelta(hours=3)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(job_runs), [
+            dict(run_id=run_id, job=job, logical_time=start, scheduled_time=start,
+                 shard="0/1", trigger="schedule", attempt=1, status=status, counts={},
+                 host="w", pid=1, started_at=start, deadline=start + bound)
+            for run_id, job, status, bound in (
+                ("stuck", "close-billing-period", "running", timedelta(hours=2)),
+                ("slow", "snapshot-usage", "running", timedelta(hours=4)),  # not yet overdue
+                ("done", "prune-usage", "succeeded", timedelta(hours=1)),
+            )])
+    log = tmp_path / "hostmeter.jsonl"
+    log.write_text(finished("r1", "prune-usage", "succeeded", "2026-11-01T02:00:00Z", 1.0))
+    lm.aggregate(engine, [log], now=NOW)
+    overdue = {job: v for (name, bucket, job, _), v in points(engine).items()
+               if name == lm.OVERDUE}
+    assert overdue == {"close-billing-period": 1, "snapshot-usage": 0, "prune-usage": 0}
+    lm.aggregate(engine, [log], now=NOW)  # a second pass recomputes the log metrics
+    assert {job for (name, _, job, _) in points(engine) if name == lm.OVERDUE} == set(overdue)

@@ -456,3 +456,31 @@ def test_mackerel_dashboard_graphs_are_ones_the_exporter_produces() -> None:
                    group.name.startswith(f"{name}.") for name in shown)
     ]  # fmt: skip
     assert not not_shown, f"exported to Mackerel but on no dashboard graph: {not_shown}"
+
+
+def test_overdue_runs_are_a_gauge_per_job_zero_for_the_others() -> None:
+    registry = build_registry((SNAPSHOT, CLOSE), (), expected_jobs=list(JOBS),
+                              overdue={"close-billing-period": 2})
+    samples = _samples(exposition(registry).decode())
+    overdue = {dict(labels)["job"]: value for (name, labels), value in samples.items()
+               if name == "hostmeter_job_runs_overdue"}
+    assert overdue == {job: (2.0 if job == "close-billing-period" else 0.0) for job in JOBS}
+
+
+def test_every_job_has_a_mackerel_monitor_on_its_overdue_runs() -> None:
+    from jobs.monitoring.logmetrics import OVERDUE
+    from jobs.monitoring.metricdata import MetricPoint
+
+    monitors = json.loads((INFRA / "mackerel" / "monitors.json").read_text())
+    by_metric = {m["metric"]: m for m in monitors}
+    produced = {
+        mackerel.mackerel_name(MetricPoint(name=OVERDUE, time=datetime(2026, 1, 1, tzinfo=UTC),
+                                           value=Decimal(1), labels={"job": job})): job
+        for job in JOBS
+    }
+    assert set(by_metric) == set(produced)
+    assert any(group.name == OVERDUE for group in mackerel.GROUPS)
+    for monitor in monitors:
+        assert (monitor["type"], monitor["service"], monitor["operator"]) == (
+            "service", "hostmeter", ">")
+        assert monitor["critical"] == 0 and monitor["duration"] >= 1
