@@ -19,6 +19,7 @@ from billing import models as b
 from billing.errors import InvoiceImmutable, UnknownTenant
 from billing.rules import MonthSums, Rating
 from metering import models as m
+from metering.display import quote_name
 
 __all__ = [
     "StoredInvoice",
@@ -31,6 +32,9 @@ __all__ = [
 ]
 
 
+_NAMES_SHOWN = 10  # unknown keys named in the error; the rest are counted
+
+
 def resolve_tenants(conn: Connection, keys: Sequence[str]) -> dict[str, int]:
     """Tenant keys → ids; an unknown key raises :class:`UnknownTenant`."""
     if not keys:
@@ -39,7 +43,10 @@ def resolve_tenants(conn: Connection, keys: Sequence[str]) -> dict[str, int]:
     found = dict(conn.execute(sa.select(t.c.key, t.c.id).where(t.c.key.in_(list(keys)))).all())
     unknown = sorted(set(keys) - set(found))
     if unknown:
-        raise UnknownTenant(f"unknown tenant(s): {', '.join(unknown)}", tenants=unknown)
+        shown = ", ".join(quote_name(k) for k in unknown[:_NAMES_SHOWN])
+        more = f" and {len(unknown) - _NAMES_SHOWN} more" if len(unknown) > _NAMES_SHOWN else ""
+        raise UnknownTenant(f"unknown tenant(s): {shown}{more} (tenant keys are exact and "
+                            "case-sensitive)", tenants=unknown)
     return found
 
 

@@ -7,27 +7,36 @@ chain, so every package's tables hang off :data:`metadata` here.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus, unquote
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from metering.errors import DatabaseError, SchemaOutOfDate
+from metering.display import one_line, quote_name
+from metering.errors import ConfigError, DatabaseError, SchemaOutOfDate
 
 __all__ = [
     "UTCDateTime",
+    "check_connection",
     "create_engine",
     "current_revision",
+    "database_error",
+    "describe_error",
     "ensure_schema",
     "head_revision",
     "insert_ignore",
     "metadata",
+    "parse_url",
+    "password_forms",
     "reading",
     "redact_url",
+    "scrub_password",
     "upgrade",
     "upsert",
 ]
@@ -69,12 +78,109 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-def redact_url(url: str) -> str:
-    """The database URL with any password replaced by ``***`` (safe for logs and errors)."""
+_CREDENTIALS = re.compile(r"^(?P<head>[^:/?#\s]+://[^:/@\s]*):(?P<password>.*)@(?P<tail>[^@]*)$",
+                          re.S)
+
+
+_NO_PASSWORD = re.compile(r"^[^:/?#\s]+://[^:/@\s]*@[^@]*$")  # user@host: nothing to hide
+
+
+def redact_url(url: str | sa.URL) -> str:
+    """The database URL with any password replaced by ``***`` (safe for logs and errors).
+
+    Also for a URL SQLAlchemy cannot parse, or one whose password holds an unencoded ``@``
+    (everything up to the last ``@`` is taken for the password).
+    """
+    if isinstance(url, sa.URL):
+        url = url.render_as_string(hide_password=False)
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = sa.engine.make_url(url)
     except Exception:
-        return "<unparseable database url>"
+        parsed = None
+    if parsed is not None and "@" not in (parsed.host or ""):
+        if "password" in parsed.query:  # libpq also takes ?password=…
+            hidden = parsed.update_query_dict({"password": "REDACTED"})
+            return hidden.render_as_string(hide_password=True).replace("REDACTED", "***")
+        return parsed.render_as_string(hide_password=True)
+    match = _CREDENTIALS.match(url)
+    if match is not None:
+        return f"{match['head']}:***@{match['tail']}"
+    if "@" not in url or _NO_PASSWORD.match(url):
+        return url
+    return "<unparseable database url>"
+
+
+def password_forms(url: str | sa.URL | None) -> list[str]:
+    """The password of ``url`` as a message may spell it: as given, decoded, percent-encoded."""
+    forms: set[str] = set()
+    if isinstance(url, str):
+        match = _CREDENTIALS.match(url)
+        if match:
+            forms = {match["password"], unquote(match["password"])}
+        try:
+            url = sa.engine.make_url(url)
+        except Exception:
+            url = None
+    if url is not None:
+        forms |= {str(url.password)} if url.password else set()
+        in_query = url.query.get("password")
+        forms |= set(in_query) if isinstance(in_query, tuple) else {in_query} if in_query else set()
+    forms |= {quote(f, safe="") for f in forms} | {quote_plus(f) for f in forms}
+    # longest first, so that a form inside another is not replaced half-way; one or two
+    # characters are no secret worth garbling every message for
+    return sorted((f for f in forms if len(f) >= 3), key=len, reverse=True)
+
+
+def scrub_password(text: str, url: str | sa.URL | None) -> str:
+    """``text`` with the password of ``url`` (in any of its spellings) replaced by ``***``."""
+    for form in password_forms(url):
+        text = text.replace(form, "***")
+    return text
+
+
+def _first_line(exc: BaseException) -> str:
+    # A SQLAlchemy error's own text appends the SQL, its parameters and a link on later
+    # lines; the driver's error (``orig``) holds the reason, on its first line (psycopg puts
+    # DETAIL lines, which can quote row values, after it).
+    orig = exc.orig if isinstance(exc, sa.exc.StatementError) else None
+    text = str(orig if orig is not None else exc)
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    for marker in ("[SQL:", "[parameters:", "(Background on this error"):
+        first = first.split(marker, 1)[0].rstrip()
+    return first
+
+
+def describe_error(exc: BaseException, *, url: str | sa.URL | None = None,
+                   limit: int = 300) -> str:
+    """One line naming ``exc``: its class and the first line of its message, cut to ``limit``.
+
+    For a SQLAlchemy error the message is the driver's, so the SQL text, the bound parameters
+    (which can carry customer data) and the link SQLAlchemy appends are left out; the password
+    of ``url``, should a driver echo it, becomes ``***``. This is the ``error`` of a failed
+    run: its ``job_finished`` log line and its ledger row.
+    """
+    first = _first_line(exc)
+    name = type(exc).__name__
+    return one_line(scrub_password(f"{name}: {first}" if first else name, url), limit=limit)
+
+
+def database_error(exc: BaseException, url: str | sa.URL | None = None) -> DatabaseError:
+    """A driver or SQLAlchemy failure as a one-line :class:`DatabaseError` that says what to do.
+
+    The translation at the boundary: what reaches an operator names the database (password
+    hidden) and the driver's reason, never the SQL text or its parameters.
+    """
+    reason = describe_error(exc, url=url)
+    where = f" {redact_url(url)}" if url is not None else ""
+    if getattr(exc, "connection_invalidated", False):
+        what = f"lost the connection to the database{where}"
+    elif isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        what = f"the database{where} is unavailable"
+    else:
+        return DatabaseError(f"the database{where} refused a statement ({reason})",
+                             reason=reason)
+    return DatabaseError(f"{what} ({reason}): check that it is up and reachable, then run the "
+                         "command again (work already committed is kept)", reason=reason)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -108,14 +214,58 @@ def reading(engine: Engine) -> Connection:
     return engine.connect().execution_options(**READ_ONLY)
 
 
-def create_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url`` with the settings hostmeter relies on for each backend."""
+URL_HINT = ("set HOSTMETER_DATABASE_URL (or --database-url) to sqlite:///PATH or "
+            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE")
+
+
+def _bad_url(url: str, why: str) -> ConfigError:
+    return ConfigError(f"database URL {quote_name(redact_url(url), limit=200)}: {why}; {URL_HINT}",
+                       setting="HOSTMETER_DATABASE_URL")
+
+
+def parse_url(url: str) -> sa.URL:
+    """``url`` as the URL of a backend hostmeter runs on, or a one-line :class:`ConfigError`.
+
+    Accepted: ``sqlite:///PATH`` (``sqlite+pysqlite``), and PostgreSQL through psycopg 3 as
+    ``postgresql+psycopg://``, ``postgresql://`` or ``postgres://`` (the spelling of libpq and
+    of many hosting providers); the last two mean ``postgresql+psycopg``. Anything else (another
+    database or driver, a port that is not a number, an ``@`` in the password that is not
+    percent-encoded as ``%40``) is a malformed setting, whose message never shows the password.
+    """
+    scheme, sep, rest = url.partition("://")
+    backend, _, driver = scheme.lower().partition("+")
+    if sep and backend in ("postgres", "postgresql"):
+        # make_url takes everything after the first "@" for the host: the rest of the
+        # password would go to DNS and into the error messages
+        userinfo = rest.split("?", 1)[0].rpartition("@")[0]
+        if "@" in userinfo:
+            raise _bad_url(url, "an '@' in the user name or password must be percent-encoded "
+                                "as %40")
     try:
         parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError as exc:
-        raise DatabaseError(f"HOSTMETER_DATABASE_URL is not a database URL: {exc}") from exc
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
+    except sa.exc.ArgumentError:
+        raise _bad_url(url, "not a database URL") from None
+    except ValueError:  # the only int() of the parser: its message would echo the text
+        raise _bad_url(url, "the port is not a number") from None
+    if backend in ("postgres", "postgresql") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        return parsed
+    if backend in ("postgres", "postgresql", "sqlite"):
+        raise _bad_url(url, f"driver {quote_name(driver)} is not supported (PostgreSQL is "
+                            "reached through psycopg 3: postgresql+psycopg://)")
+    raise _bad_url(url, f"database {quote_name(backend)} is not supported (hostmeter runs on "
+                        "SQLite and PostgreSQL)")
+
+
+def create_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``url`` (see :func:`parse_url`) with the settings hostmeter relies on.
+
+    Bound parameters are hidden from SQLAlchemy's error messages and tracebacks
+    (``hide_parameters``): they carry customer data (tenant, host and metric names).
+    """
+    parsed = parse_url(url)
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             parent = Path(parsed.database).expanduser().resolve().parent
@@ -136,7 +286,8 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
     try:
         return sa.create_engine(parsed, **kwargs)
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DatabaseError(f"no driver for {parsed.drivername}: {exc}") from exc
+        raise DatabaseError(f"no driver for {parsed.drivername}: {exc}; "
+                            "pip install 'psycopg[binary]'") from exc
 
 
 def check_connection(engine: Engine) -> None:
@@ -145,9 +296,11 @@ def check_connection(engine: Engine) -> None:
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
     except sa.exc.SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        reason = one_line(scrub_password(_first_line(exc), engine.url), limit=300)
         raise DatabaseError(
-            f"cannot connect to {redact_url(str(engine.url))}: {reason}"
+            f"cannot connect to {redact_url(engine.url)}: {reason}; check that the database is "
+            "up and reachable and that the URL, user and password are right",
+            reason=reason,
         ) from exc
 
 
@@ -262,9 +415,15 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """``alembic upgrade head`` on ``engine`` (what ``hostmeter db upgrade`` runs)."""
     from alembic import command
+    from alembic.util import CommandError
 
-    with engine.begin() as conn:
-        command.upgrade(alembic_config(connection=conn), revision)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(connection=conn), revision)
+    except CommandError as exc:  # e.g. the database is at a revision this code does not know
+        raise DatabaseError(
+            f"cannot upgrade {redact_url(engine.url)} to {revision}: {one_line(str(exc))} "
+            "(was it migrated by another hostmeter version?)", revision=revision) from exc
 
 
 def ensure_schema(engine: Engine, *, auto_upgrade: bool | None = None) -> None:
@@ -278,7 +437,7 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool | None = None) -> None:
     try:
         current = current_revision(engine)
     except sa.exc.SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the schema version: {exc}") from exc
+        raise database_error(exc, engine.url) from exc
     head = head_revision()
     if current == head:
         return

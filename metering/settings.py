@@ -6,6 +6,10 @@
 | HOSTMETER_BILLING_TZ     | ``Asia/Tokyo``           | the zone whose calendar months are billed |
 | HOSTMETER_LOG_DIR        | ``logs``                 | JSON log files (also written to stderr)  |
 | HOSTMETER_RETENTION_DAYS | ``400``                  | raw usage kept before ``prune-usage``    |
+
+The database URL is checked where an engine is made (:func:`metering.db.parse_url`):
+``sqlite:///PATH`` or ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB`` (``postgres://`` and
+``postgresql://`` mean the same); an ``@`` in the password is written ``%40``.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobs.cli.console import err, out, print_table
+from jobs.cli.console import print_line, print_table
 from jobs.cli.errors import EXIT_FAILED, Group, fail, raise_known
 from jobs.cli.state import current_state, parse_at
+from metering.display import quote_name
 from metering.timeutil import month_bounds
 
 if TYPE_CHECKING:  # the billing code is imported by the commands that run it
@@ -69,7 +70,8 @@ def _run(name: str, body: str, period: str, *, at: str | None, fmt: str,
     _print_outcome(outcome, fmt)
     if outcome.failed:
         fail(f"{name} {period} partial: {len(outcome.failed)} tenant(s) failed "
-             f"({', '.join(t.tenant for t in outcome.failed[:5])}); run it again to finish",
+             f"({', '.join(quote_name(t.tenant) for t in outcome.failed[:5])}"
+             f"{', …' if len(outcome.failed) > 5 else ''}); run it again to finish",
              EXIT_FAILED)
     return outcome
 
@@ -94,8 +96,8 @@ def _print_outcome(o: BillingOutcome, fmt: str) -> None:
         }))
         return
     if o.action == "finalize":
-        out.print(f"finalized {o.finalized} invoice(s) for {o.period}"
-                  + (" (dry run: nothing written)" if o.dry_run else ""), markup=False)
+        print_line(f"finalized {o.finalized} invoice(s) for {o.period}"
+                   + (" (dry run: nothing written)" if o.dry_run else ""))
         return
     shown = [t for t in o.tenants if t.action != "unchanged"] if o.action != "close" \
         else list(o.tenants)
@@ -116,16 +118,16 @@ def _print_outcome(o: BillingOutcome, fmt: str) -> None:
                         "old total", "new total", "difference", "error"], rows,
                 right=["rev", "old total", "new total", "difference"])
     c = o.counts()
-    out.print(
+    print_line(
         f"{c['invoices_written']} written, {c['unchanged']} unchanged, {c['stale']} stale, "
         f"{c['tenants_failed']} failed; {o.rebuilt_hours} hour(s) snapshotted from recorded "
-        "usage", markup=False)
+        "usage")
     if c["stale"]:
-        out.print("stale: usage changed since these invoices were written; run "
-                  f"`hostmeter billing rerun --period {o.period}` to revise them", markup=False)
+        print_line("stale: usage changed since these invoices were written; run "
+                   f"`hostmeter billing rerun --period {o.period}` to revise them")
     for tenant, hosts in o.free_over_limit:
-        err.print(f"free plan over its host limit (not invoiced): {tenant} with up to {hosts} "
-                  "hosts", markup=False)
+        print_line(f"free plan over its host limit (not invoiced): {quote_name(tenant)} with up "
+                   f"to {hosts} hosts", stderr=True)
 
 
 @billing_group.command("close")
@@ -223,7 +225,7 @@ def print_invoices(period: str, invoices: list[StoredInvoice]) -> None:
                      format_money(inv.total, inv.minor_units),
                      format_money(inv.tax, inv.minor_units), inv.currency, adj])
     if not rows:
-        out.print(f"no invoices for {period}", markup=False)
+        print_line(f"no invoices for {period}")
         return
     print_table(f"invoices {period}", ["tenant", "rev", "status", "std units", "micro units",
                                         "total", "tax", "cur", "adjustment"], rows,

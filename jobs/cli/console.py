@@ -2,6 +2,11 @@
 
 rich is imported on first use, not with this module: ``hostmeter --help`` and JSON output
 never pay for it.
+
+Everything shown here may hold names users chose (tenants, hosts, metrics, files), so every
+cell, title, line and progress description is plain text: control characters are escaped
+visibly (:func:`metering.display.escape_controls`: ``ESC`` shows as ``\x1b``), and rich's
+markup (``[bold]``, ``[link=…]``) and emoji codes (``:smile:``) are not interpreted.
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from metering.display import escape_controls
+
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
-__all__ = ["err", "out", "print_table", "progress"]
+__all__ = ["err", "out", "plain", "print_line", "print_table", "progress"]
 
 
 class _LazyConsole:
@@ -42,17 +50,30 @@ out = _LazyConsole(highlight=False, soft_wrap=False,
 err = _LazyConsole(stderr=True, highlight=False)
 
 
+def plain(value: Any) -> Text:
+    """``value`` as rich text shown as it is: no markup, no emoji codes, controls escaped."""
+    from rich.text import Text
+
+    return Text("" if value is None else escape_controls(str(value)))
+
+
+def print_line(text: str, *, stderr: bool = False) -> None:
+    """One line of plain text on stdout (or stderr)."""
+    (err if stderr else out).print(plain(text))
+
+
 def print_table(
     title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]],
     *, right: Sequence[str] = (),
 ) -> None:
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", show_lines=False)
+    table = Table(title=None if title is None else plain(title), title_justify="left",
+                  show_lines=False)
     for col in columns:
-        table.add_column(col, justify="right" if col in right else "left", no_wrap=True)
+        table.add_column(plain(col), justify="right" if col in right else "left", no_wrap=True)
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*(plain(v) for v in row))
     out.print(table)
 
 
@@ -89,8 +110,10 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int, int
         console=err.get(),
         transient=False,
     )
+    from rich.markup import escape
+
     with bar:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(escape(escape_controls(description)), total=total)
 
         def update(done: int, new_total: int | None = None) -> None:
             if new_total is not None:

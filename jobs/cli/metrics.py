@@ -12,6 +12,7 @@ import click
 
 from jobs.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, Group, fail
 from jobs.cli.state import current_state
+from metering.display import escape_controls, quote_name
 
 __all__ = ["dashboard_command", "metrics_group"]
 
@@ -45,7 +46,8 @@ def aggregate_cmd(logs: tuple[str, ...], log_groups: tuple[str, ...], exports: t
 
     for path in logs:
         if not Path(path).exists():
-            fail(f"--logs {path}: no such file or directory", EXIT_BAD_INPUT)
+            fail(f"--logs {quote_name(path, limit=200)}: no such file or directory",
+                 EXIT_BAD_INPUT)
     state = current_state()
     ctx = JobContext(engine=state.engine(), settings=state.settings)
     result = run_job("aggregate-job-logs", aggregate_job_logs.run, ctx, datetime.now(UTC),
@@ -54,8 +56,8 @@ def aggregate_cmd(logs: tuple[str, ...], log_groups: tuple[str, ...], exports: t
         click.echo(json.dumps({"status": result.status, **result.counts,
                                "error": result.error}, default=str))
     else:
-        click.echo(f"aggregate-job-logs {result.status}: "
-                   + ", ".join(f"{k}={v}" for k, v in result.counts.items()))
+        click.echo(escape_controls(f"aggregate-job-logs {result.status}: "
+                                   + ", ".join(f"{k}={v}" for k, v in result.counts.items())))
     if not result.ok:
         fail(f"aggregate-job-logs failed: {result.error}", EXIT_FAILED)
 

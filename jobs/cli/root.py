@@ -26,6 +26,7 @@ from jobs.cli.metrics import dashboard_command, metrics_group
 from jobs.cli.runs import backfill, run_cmd, runs_cmd, scheduler_cmd
 from jobs.cli.state import State, current_state
 from metering import db
+from metering.display import one_line
 from metering.errors import ConfigError, MeteringError
 from metering.settings import Settings
 
@@ -39,7 +40,8 @@ __all__ = ["cli", "main"]
     default=None,
     metavar="URL",
     help="Database (default sqlite:///hostmeter.db; env HOSTMETER_DATABASE_URL). "
-    "Production: postgresql+psycopg://user@host/db.",
+    "Production: postgresql+psycopg://user:password@host/db (postgres:// means the same; "
+    "percent-encode an @ in the password as %40).",
 )
 @click.version_option(package_name="hostmeter")
 @click.pass_context
@@ -59,7 +61,8 @@ def cli(ctx: click.Context, database_url: str | None) -> None:
     ctx.obj = State(settings=settings)
     from jobs.runtime.logconfig import configure_logging
 
-    configure_logging(settings.log_dir, stderr_level="warning" if sys.stderr.isatty() else "info")
+    configure_logging(settings.log_dir, stderr_level="warning" if sys.stderr.isatty() else "info",
+                      secrets=db.password_forms(settings.database_url))
 
 
 # --- db ------------------------------------------------------------------------------------
@@ -110,6 +113,6 @@ def main() -> None:
     try:
         cli.main(prog_name="hostmeter")
     except MeteringError as exc:  # raised outside a command (e.g. settings)
-        click.echo(f"hostmeter: error: {exc}", err=True)
+        click.echo(f"hostmeter: error: {one_line(str(exc))}", err=True)
         sys.exit(translate(exc).exit_code)
 

@@ -15,6 +15,7 @@ from jobs.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, fail, raise_known
 from jobs.cli.state import current_state, parse_at
 from jobs.runtime.ledger import RUN_STATUSES
 from jobs.runtime.locks import DEFAULT_WAIT_S
+from metering.display import escape_controls, quote_name
 from metering.snapshot import DEFAULT_LOOKBACK
 from metering.timeutil import floor_hour, month_bounds
 
@@ -34,7 +35,8 @@ def _finish(result: JobResult, fmt: str = "table") -> None:
         }, default=str))
     else:
         counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
-        click.echo(f"{result.job} {result.status} in {result.duration_s:.2f}s: {counts}")
+        click.echo(escape_controls(
+            f"{result.job} {result.status} in {result.duration_s:.2f}s: {counts}"))
     if not result.ok:
         fail(f"{result.job} {result.status}: {result.error or 'see logs'}", EXIT_FAILED)
 
@@ -130,8 +132,9 @@ def _retry_failed(job: str, wait_s: float, fmt: str) -> None:
         click.echo(json.dumps([o.as_dict() for o in outcomes], default=str))
     else:
         for o in outcomes:
-            click.echo(f"{o.job} {o.status} [{o.shard}] {o.logical_time.isoformat()} "
-                       f"attempt {o.attempt}" + (f": {o.error}" if o.error else ""))
+            click.echo(escape_controls(
+                f"{o.job} {o.status} [{o.shard}] {o.logical_time.isoformat()} "
+                f"attempt {o.attempt}" + (f": {o.error}" if o.error else "")))
     bad = [o for o in outcomes if o.exit_code]
     if bad:
         fail(f"{len(bad)} of {len(outcomes)} retried key(s) still {bad[0].status}", EXIT_FAILED)
@@ -143,9 +146,10 @@ def _print_outcome(outcome: RunOutcome, fmt: str) -> None:
     else:
         counts = ", ".join(f"{k}={v}" for k, v in outcome.counts.items())
         why = f" ({outcome.error})" if outcome.status == "skipped" and outcome.error else ""
-        click.echo(f"{outcome.job} {outcome.status}{why} [{outcome.shard}] "
-                   f"{outcome.logical_time.isoformat()} attempt {outcome.attempt}"
-                   + (f": {counts}" if counts else ""))
+        click.echo(escape_controls(
+            f"{outcome.job} {outcome.status}{why} [{outcome.shard}] "
+            f"{outcome.logical_time.isoformat()} attempt {outcome.attempt}"
+            + (f": {counts}" if counts else "")))
     if outcome.exit_code:
         fail(f"{outcome.job} {outcome.status}: {outcome.error or 'see logs'}", EXIT_FAILED)
 
@@ -223,14 +227,16 @@ def backfill(job: str, start: str, end: str, fmt: str) -> None:
 
     spec = registry.get(job)
     if spec.name != "snapshot-usage":
-        fail(f"job {job!r} has no hourly backfill (only snapshot-usage)", EXIT_BAD_INPUT)
+        fail(f"job {quote_name(job)} has no hourly backfill (only snapshot-usage)",
+             EXIT_BAD_INPUT)
     a, b = parse_at(start, "--from"), parse_at(end, "--to")
     for value, name in ((a, "--from"), (b, "--to")):
         if value != floor_hour(value):
             fail(f"{name} {value.isoformat()} is not on the hour: backfill snapshots whole "
                  "hours [--from, --to)", EXIT_BAD_INPUT)
     if b <= a:
-        fail(f"--to {end} must be after --from {start}", EXIT_BAD_INPUT)
+        fail(f"--to {quote_name(end)} must be after --from {quote_name(start)}",
+             EXIT_BAD_INPUT)
     hours = backfill_hours(a, b)
     engine = current_state().engine()
     with progress("snapshot-usage", len(hours)) as update:

@@ -4,6 +4,10 @@ A job body is ``run(ctx, logical_time, **options) -> counts``. It derives its wi
 ``logical_time`` and never reads the clock; :class:`JobContext` carries everything else.
 :func:`run_job` binds ``job``, ``run_id`` and ``logical_time`` into every log event, logs
 ``job_started`` and exactly one ``job_finished`` (status, counts, ``duration_s``).
+
+A failed run's ``error`` (in ``job_finished``, the run ledger and the CLI's one-line error) is
+:func:`metering.db.describe_error`: the exception's class and the first line of its reason,
+cut short, password hidden — never SQLAlchemy's SQL text or bound parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Engine
 
+from metering.db import describe_error
 from metering.settings import Settings
 
 __all__ = ["JobContext", "JobResult", "new_run_id", "run_job"]
@@ -90,7 +95,7 @@ def run_job(
         except Exception as exc:  # the run is recorded as failed; the caller decides the exit
             status = "failed"
             failure = exc
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe_error(exc, url=ctx.engine.url)
             log.error("job_error", error=error, exc_info=True)
         duration = round(time.perf_counter() - started, 6)
         log.info("job_finished", status=status, duration_s=duration, error=error, **counts)

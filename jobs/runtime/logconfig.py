@@ -1,46 +1,101 @@
 """structlog, configured once: JSON lines to a file under HOSTMETER_LOG_DIR and to stderr.
 
 stderr gets JSON lines too, or a console rendering when it is a terminal. A redaction processor
-runs before any renderer, so secrets (API keys, passwords in database URLs) never reach a sink.
+runs before any renderer, so secrets never reach a sink: values of secret-looking keys
+(``api_key``, ``password``, ``X-Api-Key``…), passwords inside URLs (also one holding an
+unencoded ``@``: everything up to the last ``@`` of the URL), and wherever they appear, the
+literal values of the process's secrets (``MACKEREL_API_KEY``, the password of
+``HOSTMETER_DATABASE_URL`` in every spelling, and any passed to :func:`configure_logging`).
+
+Names in events are shown safely: a JSON line escapes every control character (C1 controls and
+bidirectional overrides too, which ``json`` would leave raw), and the console rendering of a
+terminal escapes them visibly and leaves the traceback to the log file (the terminal gets the
+command's one-line error).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-__all__ = ["configure_logging", "redact_secrets"]
+from metering.db import password_forms
+from metering.display import escape_controls, one_line
+
+__all__ = ["SecretRedactor", "configure_logging", "redact_secrets"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _SECRET_KEYS = re.compile(r"(api[_-]?key|password|passwd|secret|token|authorization)", re.I)
+# The password runs to the last "@" of the URL (greedy, within one whitespace- and quote-free
+# token): a password with an unencoded "@" is hidden whole, not up to its first "@".
 _URL_PASSWORD = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]+)@", re.I
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s'\"]*):(?P<pw>[^\s'\"]+)@", re.I
 )
+_SECRET_ENV = ("MACKEREL_API_KEY",)
+_SECRET_URL_ENV = ("HOSTMETER_DATABASE_URL",)
+_MIN_SECRET = 4  # shorter values are no secret worth garbling every line for
 
 
-def _scrub(value: Any) -> Any:
+def _environment_secrets() -> list[str]:
+    found = [os.environ.get(name, "") for name in _SECRET_ENV]
+    for name in _SECRET_URL_ENV:
+        found += password_forms(os.environ.get(name) or None)
+    return found
+
+
+class SecretRedactor:
+    """A processor that replaces secrets with ``***``: the values of secret-looking keys,
+    passwords inside URLs, and the given literal ``secrets`` wherever they occur."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET}, key=len,
+                              reverse=True)
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self.secrets:
+                if secret in value:
+                    value = value.replace(secret, "***")
+            return _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", value)
+        if isinstance(value, dict):
+            return {k: "***" if _SECRET_KEYS.search(str(k)) else self._scrub(v)
+                    for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._scrub(v) for v in value)
+        return value
+
+    def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        return {
+            k: "***" if _SECRET_KEYS.search(k) and v is not None else self._scrub(v)
+            for k, v in event_dict.items()
+        }
+
+
+redact_secrets = SecretRedactor()
+"""Redaction by key and inside URLs only (no literal secrets)."""
+
+# json.dumps(ensure_ascii=False) escapes C0 controls but leaves C1 controls (U+0080–U+009F,
+# CSI among them), the bidirectional overrides and the line separators raw.
+_JSON_UNSAFE = {c: f"\\u{c:04x}" for c in [*range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F,
+                                            *range(0x2028, 0x202F), *range(0x2066, 0x206A)]}
+
+
+def _console_safe(value: Any) -> Any:
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", value)
+        return escape_controls(value)
     if isinstance(value, dict):
-        return {k: "***" if _SECRET_KEYS.search(str(k)) else _scrub(v) for k, v in value.items()}
+        return {k: _console_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_scrub(v) for v in value)
+        return [_console_safe(v) for v in value]
     return value
-
-
-def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """Replace values of secret-looking keys and passwords inside URLs with ``***``."""
-    return {
-        k: "***" if _SECRET_KEYS.search(k) and v is not None else _scrub(v)
-        for k, v in event_dict.items()
-    }
 
 
 class _TeeLogger:
@@ -53,19 +108,42 @@ class _TeeLogger:
         self.min_level = min_level
 
     def _emit(self, event_dict: EventDict) -> None:
-        line = json.dumps(event_dict, default=str, ensure_ascii=False)
+        line = json.dumps(event_dict, default=str, ensure_ascii=False).translate(_JSON_UNSAFE)
         if self.file is not None:
             self.file.write(line + "\n")
             self.file.flush()
         if _LEVELS.get(str(event_dict.get("level")), 20) >= self.min_level:
-            text = self.console(None, "", dict(event_dict)) if self.console else line
-            self.stream.write(str(text) + "\n")
+            if self.console:
+                shown = {k: _console_safe(v) for k, v in event_dict.items() if k != "exception"}
+                text = str(self.console(None, "", shown))
+            else:
+                text = line
+            self.stream.write(text + "\n")
             self.stream.flush()
 
     def msg(self, **event_dict: Any) -> None:
         self._emit(event_dict)
 
     debug = info = warning = warn = error = critical = exception = log = msg
+
+
+class _LibraryRecords(logging.Handler):
+    """Records of libraries' standard logging (psycopg, SQLAlchemy, Alembic) as events of ours.
+
+    Without it Python prints a library's warning raw on stderr (psycopg's "error ignored
+    terminating Pipeline" when the server goes away): a second, unredacted line beside the
+    command's one-line error. Here it becomes a ``library_log`` event, redacted like every
+    event, at ``info`` (or ``error``), so a terminal shows it only when it is an error.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format string must not break logging
+            message = str(record.msg)
+        level = "error" if record.levelno >= logging.ERROR else "info"
+        getattr(structlog.get_logger("hostmeter.library"), level)(
+            "library_log", logger=record.name, message=one_line(message))
 
 
 _state: dict[str, Any] = {}
@@ -77,8 +155,13 @@ def configure_logging(
     stream: TextIO | None = None,
     stderr_level: str = "info",
     file_name: str = "hostmeter.jsonl",
+    secrets: Iterable[str] = (),
 ) -> Path | None:
-    """Configure structlog for this process (again, if called again). Returns the log file."""
+    """Configure structlog for this process (again, if called again). Returns the log file.
+
+    ``secrets`` are literal values never to be written (beside those read from the
+    environment: ``MACKEREL_API_KEY`` and the password of ``HOSTMETER_DATABASE_URL``).
+    """
     old = _state.get("file")
     if old is not None:
         old.close()
@@ -102,10 +185,14 @@ def configure_logging(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            redact_secrets,
+            SecretRedactor([*_environment_secrets(), *secrets]),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(10),
         logger_factory=lambda *_: sink,
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _LibraryRecords)]:
+        root.removeHandler(handler)
+    root.addHandler(_LibraryRecords(logging.WARNING))
     return path

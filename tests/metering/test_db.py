@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -75,13 +76,66 @@ def test_postgresql_with_an_old_schema_is_not_migrated_implicitly(
     engine.dispose()
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_schema_at_an_unknown_revision_is_one_clear_error(empty_db_url: str) -> None:
+    engine = db.create_engine(empty_db_url)
+    with engine.begin() as conn:  # migrated by another hostmeter version
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('9999')")
+    with pytest.raises(DatabaseError) as info:
+        db.upgrade(engine)
+    assert "Can't locate revision identified by '9999'" in str(info.value)
+    assert "\n" not in str(info.value)
+    engine.dispose()
+
+
 def test_unreachable_database_is_one_clear_error() -> None:
-    engine = db.create_engine("postgresql+psycopg://hm:s3cret@127.0.0.1:1/nope")
+    engine = db.create_engine(f"postgresql+psycopg://hm:s3cret@127.0.0.1:{closed_port()}/nope")
     with pytest.raises(DatabaseError) as info:
         db.ensure_schema(engine)
     message = str(info.value)
     assert "cannot connect" in message and "\n" not in message
     assert "s3cret" not in message
+    assert "check that the database is up" in message  # says what to do
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("mysql://app:pw-secret@127.0.0.1/db", "database 'mysql' is not supported"),
+    ("postgresql+nodriver://app:pw-secret@127.0.0.1/db", "driver 'nodriver' is not supported"),
+    ("postgresql+psycopg2://app:pw-secret@127.0.0.1/db", "driver 'psycopg2' is not supported"),
+    ("postgresql+psycopg://app:pw-secret@127.0.0.1:abc/db", "the port is not a number"),
+    ("postgresql+psycopg://app:pw@secret@127.0.0.1/db", "percent-encoded as %40"),
+    ("postgresql+psycopg://app:pw@secret@127.0.0.1:5432/db", "percent-encoded as %40"),
+    ("postgresql+psycopg://app:pw-x@secret:99@127.0.0.1/db", "percent-encoded as %40"),
+    ("hostmeter.db", "not a database URL"),
+])
+def test_a_malformed_database_url_is_a_one_line_config_error(url: str, why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        db.create_engine(url)
+    message = str(info.value)
+    assert why in message
+    assert "\n" not in message and "secret" not in message
+    assert "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE" in message  # what to set
+    assert info.value.context["setting"] == "HOSTMETER_DATABASE_URL"
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "postgresql+psycopg"])
+def test_postgres_schemes_mean_psycopg(scheme: str) -> None:
+    engine = db.create_engine(f"{scheme}://u:pw@127.0.0.1:{closed_port()}/db")
+    assert engine.url.drivername == "postgresql+psycopg" and engine.dialect.driver == "psycopg"
+    with pytest.raises(DatabaseError, match="cannot connect"):
+        db.check_connection(engine)
+
+
+def test_a_percent_encoded_at_sign_reaches_the_server_as_an_at_sign() -> None:
+    engine = db.create_engine("postgresql+psycopg://app:p%40ss-word@127.0.0.1/db")
+    assert engine.url.password == "p@ss-word" and engine.url.host == "127.0.0.1"
 
 
 def test_sqlite_in_a_missing_directory_is_one_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -92,6 +146,41 @@ def test_sqlite_in_a_missing_directory_is_one_clear_error(tmp_path) -> None:  # 
 def test_redact_url_hides_the_password() -> None:
     assert "s3cret" not in db.redact_url("postgresql+psycopg://u:s3cret@h/db")
     assert "***" in db.redact_url("postgresql+psycopg://u:s3cret@h/db")
+
+
+@pytest.mark.parametrize(("url", "shown", "password"), [
+    ("postgresql+psycopg://app:p@ss-word@127.0.0.1/db",
+     "postgresql+psycopg://app:***@127.0.0.1/db", "p@ss-word"),
+    ("postgresql+psycopg://app:p%40ss-word@127.0.0.1/db",
+     "postgresql+psycopg://app:***@127.0.0.1/db", "p@ss-word"),
+    ("postgresql+psycopg://app:ss-word@h:abc/db", "postgresql+psycopg://app:***@h:abc/db",
+     "ss-word"),
+    ("postgresql://app@h/db?password=ss-word&sslmode=require",
+     "postgresql://app@h/db?password=***&sslmode=require", "ss-word"),
+])
+def test_redact_url_hides_every_spelling_of_a_password(url: str, shown: str,
+                                                       password: str) -> None:
+    assert db.redact_url(url) == shown
+    for spelling in {password, password.replace("@", "%40")}:
+        message = f"authentication with {spelling!r} failed"
+        assert db.scrub_password(message, url) == "authentication with '***' failed"
+
+
+def test_driver_errors_are_one_line_without_sql_or_parameters(engine: sa.Engine) -> None:
+    customer = "tenant-acme-confidential"
+    with engine.begin() as conn:
+        conn.execute(sa.insert(m.tenants).values(key=customer))
+    with pytest.raises(sa.exc.IntegrityError) as info, engine.begin() as conn:
+        conn.execute(sa.insert(m.tenants).values(key=customer))
+    # hide_parameters: SQLAlchemy's own text (and so a traceback) shows no bound values
+    assert "[parameters:" not in str(info.value) and "parameters hidden" in str(info.value)
+    line = db.describe_error(info.value, url=engine.url)
+    assert line.startswith("IntegrityError: ") and "\n" not in line
+    assert "[SQL" not in line and "parameters" not in line and "INSERT" not in line
+    assert customer not in line  # PostgreSQL's DETAIL line quotes the key: it is left out
+    error = db.database_error(info.value, engine.url)
+    assert isinstance(error, DatabaseError) and customer not in str(error)
+    assert "\n" not in str(error) and "[SQL" not in str(error)
 
 
 def test_instants_round_trip_as_aware_utc(engine: sa.Engine) -> None:
