@@ -30,7 +30,7 @@ from structlog.typing import EventDict, WrappedLogger
 from metering.db import password_forms
 from metering.display import escape_controls, one_line
 
-__all__ = ["SecretRedactor", "configure_logging", "redact_secrets"]
+__all__ = ["SecretRedactor", "configure_logging", "redact_secrets", "register_secrets"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _SECRET_KEYS = re.compile(r"(api[_-]?key|password|passwd|secret|token|authorization)", re.I)
@@ -56,8 +56,13 @@ class SecretRedactor:
     passwords inside URLs, and the given literal ``secrets`` wherever they occur."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET}, key=len,
-                              reverse=True)
+        self.secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Also hide ``secrets`` from now on (values shorter than 4 characters are ignored)."""
+        found = set(self.secrets) | {s for s in secrets if s and len(s) >= _MIN_SECRET}
+        self.secrets = sorted(found, key=len, reverse=True)  # longest first: no half-replaced
 
     def _scrub(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -149,6 +154,15 @@ class _LibraryRecords(logging.Handler):
 _state: dict[str, Any] = {}
 
 
+def register_secrets(secrets: Iterable[str]) -> None:
+    """Hide ``secrets`` from every later log line of this process: for secrets learned after
+    :func:`configure_logging` (a URL or key fetched from Secrets Manager or SSM). Pass the
+    forms a value may take, e.g. :func:`metering.db.password_forms` of a database URL."""
+    redactor = _state.get("redactor")
+    if redactor is not None:
+        redactor.add(secrets)
+
+
 def configure_logging(
     log_dir: str | None = None,
     *,
@@ -162,6 +176,7 @@ def configure_logging(
     ``secrets`` are literal values never to be written (beside those read from the
     environment: ``MACKEREL_API_KEY`` and the password of ``HOSTMETER_DATABASE_URL``).
     """
+    redactor = SecretRedactor([*_environment_secrets(), *secrets])
     old = _state.get("file")
     if old is not None:
         old.close()
@@ -176,6 +191,7 @@ def configure_logging(
             print(f"hostmeter: warning: cannot write logs to {log_dir}: {exc}", file=sys.stderr)
             path, file = None, None
     _state["file"] = file
+    _state["redactor"] = redactor
     out = stream or sys.stderr
     console = out.isatty() and os.environ.get("HOSTMETER_LOG_FORMAT") != "json"
     sink = _TeeLogger(file, out, console, _LEVELS.get(stderr_level, 20))
@@ -185,7 +201,7 @@ def configure_logging(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            SecretRedactor([*_environment_secrets(), *secrets]),
+            redactor,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(10),
         logger_factory=lambda *_: sink,

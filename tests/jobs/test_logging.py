@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from jobs.runtime.logconfig import configure_logging
+from jobs.runtime.logconfig import configure_logging, register_secrets
 
 
 def test_secrets_never_reach_a_log_sink(tmp_path: Path) -> None:
@@ -108,3 +108,13 @@ def test_library_warnings_become_redacted_log_events(tmp_path: Path,
     captured = capsys.readouterr()
     assert "error ignored" not in captured.err  # no raw line beside the one-line error
     assert all(ln.startswith("{") for ln in stream.getvalue().splitlines())
+
+
+def test_secrets_learned_later_are_hidden_too(tmp_path: Path) -> None:
+    path = configure_logging(str(tmp_path), stream=io.StringIO())
+    register_secrets(["fetched-from-ssm-91", "ab"])  # e.g. a key read from SSM after start
+    structlog.get_logger().info("fetched", note="value fetched-from-ssm-91 ab")
+    configure_logging(None, stream=io.StringIO())
+    assert path is not None
+    event = json.loads(path.read_text().splitlines()[-1])
+    assert event["note"] == "value *** ab"  # two characters are not worth hiding
