@@ -247,6 +247,21 @@ def test_byte_limits_fit_the_columns(field: str, column: sa.Column[Any]) -> None
     assert limit <= length
 
 
+def test_read_lines_cuts_an_overlong_line_and_keeps_the_next_ones() -> None:
+    import io
+
+    limit = records.MAX_LINE_BYTES
+    fits = b"{" + b" " * (limit - 3) + b"}\n"  # exactly the limit, line break included
+    stream = io.BytesIO(b"a\n" + fits + b"x" * (5 * limit) + b"\n" + b"b\n" + b"last")
+    got = list(ingest.read_lines(stream))
+    assert [len(x) for x in got] == [2, limit, limit + 1, 2, 4]
+    assert (got[0], got[3], got[4]) == (b"a\n", b"b\n", b"last")
+    with pytest.raises(InvalidRecord, match="longer than"):
+        records.parse_line(got[2], line=3)
+    with pytest.raises(InvalidRecord, match="field 'type' is missing"):  # parsed, not cut
+        records.parse_line(got[1], line=2)
+
+
 # --- every bad line is reported ----------------------------------------------------------------
 
 
