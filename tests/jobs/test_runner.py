@@ -189,7 +189,7 @@ def test_a_key_that_succeeded_is_skipped_unless_forced(engine: Engine, db_url: s
     row = ledger(engine)[0]
     assert set(row) == {"run_id", "job", "logical_time", "scheduled_time", "shard", "trigger",
                         "attempt", "status", "counts", "error", "host", "pid", "started_at",
-                        "finished_at"}
+                        "finished_at", "deadline"}
     assert row["scheduled_time"] == "2026-02-10T10:05:00+00:00"
     assert last_success(engine, "snapshot-usage") == at  # the forced run's scheduled time
     assert row["counts"]["hours"] == 4 and row["pid"] == os.getpid()
