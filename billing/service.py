@@ -38,6 +38,7 @@ from billing.catalog import Catalog, catalog_for
 from billing.errors import CoverageError, ReasonRequired
 from billing.rules import MonthSums, Rating, rate
 from metering import models as m
+from metering.db import describe_error
 from metering.retention import frozen_hours
 from metering.snapshot import MetricLimits, missing_hours, snapshot_hours
 from metering.timeutil import HOUR, hours_between, month_bounds
@@ -276,7 +277,7 @@ def _bill(
             raise
         except Exception as exc:
             outcome = TenantOutcome(tenant=tenant, action="failed",
-                                    error=f"{type(exc).__name__}: {exc}")
+                                    error=describe_error(exc, url=conn.engine.url))
             log.error("tenant_failed", tenant=tenant, period=req.period, error=outcome.error)
         outcomes.append(outcome)
         if outcome.action in ("created", "revised", "adjusted", "restored"):

@@ -18,6 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from jobs.runtime.errors import UnknownJob
+from metering.display import quote_name
 from metering.timeutil import floor_hour, month_bounds, previous_period
 
 __all__ = ["JOBS", "JobSpec", "get"]
@@ -142,5 +143,5 @@ def get(name: str) -> JobSpec:
         return JOBS[name]
     except KeyError:
         raise UnknownJob(
-            f"unknown job {name!r} (known jobs: {', '.join(sorted(JOBS))})", job=name
+            f"unknown job {quote_name(name)} (known jobs: {', '.join(sorted(JOBS))})", job=name
         ) from None

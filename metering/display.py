@@ -56,9 +56,15 @@ def _cut(text: str, limit: int) -> tuple[str, str]:
 
 
 def quote_name(name: object, *, limit: int = NAME_LIMIT) -> str:
-    """``name`` quoted like ``repr`` and cut to ``limit`` characters: ``'Acme '``."""
-    text = str(name)
-    head, marker = _cut(text, limit)
+    """``name`` quoted like ``repr`` and cut to ``limit`` characters: ``'Acme '``. A value that
+    is not a string (a number, a decoded JSON value) is shown by
+    :func:`metering.errors.shown`, which is bounded for any value (a 5,000-digit integer, JSON
+    nested a thousand deep)."""
+    if not isinstance(name, str):
+        from metering.errors import shown
+
+        return shown(name, limit=limit)
+    head, marker = _cut(name, limit)
     return repr(head) + marker
 
 

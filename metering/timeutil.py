@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from metering.display import quote_name
 from metering.errors import InvalidWindow, shown
 
 __all__ = [
@@ -85,7 +86,8 @@ def parse_period(text: str) -> tuple[int, int]:
     """``YYYY-MM`` → (year, month), or InvalidWindow."""
     m = _PERIOD.match(text or "")
     if not m or not 1 <= int(m.group(2)) <= 12 or int(m.group(1)) < 1970:
-        raise InvalidWindow(f"period {text!r} is not a month in the form YYYY-MM (e.g. 2026-10)")
+        raise InvalidWindow(f"period {quote_name(text)} is not a month in the form YYYY-MM "
+                            "(e.g. 2026-10)")
     return int(m.group(1)), int(m.group(2))
 
 

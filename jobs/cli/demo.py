@@ -9,6 +9,7 @@ import click
 
 from jobs.cli.errors import fail
 from jobs.cli.state import current_state
+from metering.display import quote_name
 
 __all__ = ["demo"]
 
@@ -81,7 +82,7 @@ def demo(seed: int, period: str | None, tenants: int) -> None:
             f"written, {c['unchanged']} unchanged; see `hostmeter billing show --period "
             f"{period} --format json` for every line and its basis", markup=False)
         for tenant, hosts in result.billing.free_over_limit:
-            out.print(f"free plan over its host limit (reported, not invoiced): {tenant} "
-                      f"(up to {hosts} hosts)", markup=False)
+            out.print("free plan over its host limit (reported, not invoiced): "
+                      f"{quote_name(tenant)} (up to {hosts} hosts)", markup=False)
     if not result.close.ok:
         fail(f"close-billing-period {result.close.status}: {result.close.error}")

@@ -23,6 +23,7 @@ from jobs.cli.demo import demo
 from jobs.cli.errors import EXIT_BAD_INPUT, CliError, Group, translate
 from jobs.cli.ingest import ingest
 from jobs.cli.metrics import dashboard_command, metrics_group
+from jobs.cli.retry import retry_failed_cmd
 from jobs.cli.runs import backfill, run_cmd, runs_cmd, scheduler_cmd
 from jobs.cli.state import State, current_state
 from metering import db
@@ -102,10 +103,42 @@ def db_current() -> None:
     current, head = db.current_revision(engine), db.head_revision()
     status = "up to date" if current == head else "run `hostmeter db upgrade`"
     click.echo(f"database: {current or 'empty'}  code: {head}  ({status})")
+    if engine.dialect.name == "postgresql" and current is not None:
+        from metering.grants import check_runtime_role
+
+        role = check_runtime_role(engine)
+        if role.sealed:
+            click.echo(f"role: {role.role} (runtime role: cannot alter the tables or their "
+                       "triggers)")
+        else:
+            why = "a superuser" if role.superuser else "the owner of the tables"
+            click.echo(f"role: {role.role} is {why}: it could unseal final invoices; run the "
+                       "jobs as a runtime role (`hostmeter db grant ROLE`, README \"Two "
+                       "database roles\")")
 
 
-for command in (ingest, run_cmd, backfill, runs_cmd, scheduler_cmd, demo, bench_command,
-                billing_group, metrics_group, dashboard_command):
+@db_group.command("grant")
+@click.argument("role")
+def db_grant(role: str) -> None:
+    """Grant ROLE what the jobs need on PostgreSQL, as the schema owner, after `db upgrade`.
+
+    \b
+    SELECT, INSERT, UPDATE, DELETE on every table (SELECT only on alembic_version)
+    and the sequences, also for tables later migrations create. ROLE gets no
+    ownership, TRUNCATE or TRIGGER privilege: it cannot disable the triggers that
+    seal final invoices. Refuses a superuser, an unknown role and the owner.
+    """
+    from metering.grants import grant_runtime_role
+
+    state = current_state()
+    engine = state.engine()
+    statements = grant_runtime_role(engine, role)
+    click.echo(f"{db.redact_url(state.settings.database_url)}: granted {len(statements)} "
+               f"privilege statement(s) to {role}")
+
+
+for command in (ingest, run_cmd, backfill, retry_failed_cmd, runs_cmd, scheduler_cmd, demo,
+                bench_command, billing_group, metrics_group, dashboard_command):
     cli.add_command(command)
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -164,6 +164,8 @@ def scheduler_cmd(misfire_grace: int) -> None:
     coalesced, one instance per job at a time. On start, fire times missed since
     each job's last success are caught up (bounded: the last 48 hourly runs, 3
     monthly ones). Every fire goes through the run ledger like `hostmeter run`.
+    Every 15 minutes (and on start) a retry pass runs again the keys whose run
+    failed or was killed, like `hostmeter retry-failed`.
     """
     from jobs.triggers.runner import RunRequest, execute, last_success
     from jobs.triggers.scheduler import LocalScheduler
@@ -175,9 +177,15 @@ def scheduler_cmd(misfire_grace: int) -> None:
         return execute(engine, settings, RunRequest(job=job, scheduled_time=scheduled_time,
                                                     trigger=trigger))
 
+    def retry() -> object:  # killed or failed runs: at most 5 attempts per key, as on AWS
+        from jobs.cli.retry import DEFAULT_MAX_ATTEMPTS
+        from jobs.triggers.runner import retry_failed
+
+        return retry_failed(engine, settings, max_attempts=DEFAULT_MAX_ATTEMPTS)
+
     scheduler = LocalScheduler(
         registry.JOBS, fire=fire, last_success=lambda job: last_success(engine, job),
-        misfire_grace_time=misfire_grace)
+        misfire_grace_time=misfire_grace, retry=retry)
     jobs = ", ".join(f"{j.name} {j.schedule} {j.timezone}" for j in registry.JOBS.values())
     click.echo(f"hostmeter scheduler: {jobs}; Ctrl-C or SIGTERM to stop", err=True)
     sys.exit(scheduler.run_forever())
@@ -186,16 +194,19 @@ def scheduler_cmd(misfire_grace: int) -> None:
 @click.command("runs")
 @click.option("--job", help="Only this job.")
 @click.option("--status", type=click.Choice(list(RUN_STATUSES)), help="Only this status.")
+@click.option("--overdue", is_flag=True,
+              help="Only runs still running past their deadline (start + the job's bound).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def runs_cmd(job: str | None, status: str | None, limit: int, fmt: str) -> None:
+def runs_cmd(job: str | None, status: str | None, overdue: bool, limit: int, fmt: str) -> None:
     """The run ledger, newest first: one row per attempt of a job for a key."""
     from jobs.cli.console import print_table
     from jobs.triggers.runner import list_runs
 
     if job is not None:
         registry.get(job)
-    rows = list_runs(current_state().engine(), job=job, status=status, limit=limit)
+    rows = list_runs(current_state().engine(), job=job, status=status, limit=limit,
+                     overdue_at=datetime.now(UTC) if overdue else None)
     if fmt == "json":
         click.echo(json.dumps(rows, default=str))
         return

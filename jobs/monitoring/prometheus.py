@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from jobs.monitoring.metricdata import JobStatus, MonthBilling
+from metering.db import describe_error
 
 __all__ = [
     "METRIC_NAMES",
@@ -298,7 +299,7 @@ def _handler(build: Callable[[], CollectorRegistry]) -> type[BaseHTTPRequestHand
             try:
                 body = exposition(build())
             except Exception as exc:  # a failed scrape is a 500 and a log line, not a crash
-                log.error("metrics_build_failed", error=f"{type(exc).__name__}: {exc}")
+                log.error("metrics_build_failed", error=describe_error(exc))
                 self._reply(
                     HTTPStatus.INTERNAL_SERVER_ERROR, b"metrics unavailable\n", "text/plain"
                 )

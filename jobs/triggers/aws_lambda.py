@@ -75,9 +75,10 @@ from sqlalchemy.engine import Engine
 
 from jobs import registry
 from jobs.runtime.errors import AwsError, BadTrigger, JobFailed
-from jobs.runtime.logconfig import configure_logging
+from jobs.runtime.logconfig import configure_logging, register_secrets
 from jobs.triggers.runner import RunOutcome, RunRequest, Shard, execute, parse_shard
-from metering.db import create_engine, ensure_schema
+from metering.db import create_engine, describe_error, ensure_schema, password_forms
+from metering.display import quote_name
 from metering.errors import ConfigError, InvalidWindow
 from metering.settings import Settings
 from metering.timeutil import parse_instant, parse_period
@@ -120,7 +121,8 @@ def parse_event(event: Mapping[str, Any]) -> RunRequest:
     if "detail-type" in event:
         kind = event["detail-type"]
         if kind != SCHEDULED_EVENT:
-            raise _bad(f"EventBridge event detail-type {kind!r} is not {SCHEDULED_EVENT!r}")
+            raise _bad(f"EventBridge event detail-type {quote_name(kind)} is not "
+                       f"{SCHEDULED_EVENT!r}")
         detail = event.get("detail")
         if not isinstance(detail, Mapping):
             raise _bad("Scheduled Event has no detail object (expected "
@@ -151,19 +153,21 @@ def parse_event(event: Mapping[str, Any]) -> RunRequest:
     raw_shard = fields.get("shard")
     if raw_shard is not None:
         if not isinstance(raw_shard, str):
-            raise _bad(f"shard {raw_shard!r} is not a string I/N (e.g. \"0/4\")", job=spec.name)
+            raise _bad(f"shard {quote_name(raw_shard)} is not a string I/N (e.g. \"0/4\")",
+                       job=spec.name)
         shard = parse_shard(raw_shard)
         if shard.count > 1 and not spec.shardable:
             raise _bad(f"job {spec.name} works on all tenants at once and cannot be sharded "
-                       f"(shard {raw_shard!r})", job=spec.name)
+                       f"(shard {quote_name(raw_shard)})", job=spec.name)
 
     options: dict[str, Any] = {}
     raw_period = fields.get("period")
     if raw_period is not None:
         if "period" not in spec.options:
-            raise _bad(f"job {spec.name} takes no period (got {raw_period!r})", job=spec.name)
+            raise _bad(f"job {spec.name} takes no period (got {quote_name(raw_period)})",
+                       job=spec.name)
         if not isinstance(raw_period, str):
-            raise _bad(f"period {raw_period!r} is not a string YYYY-MM", job=spec.name)
+            raise _bad(f"period {quote_name(raw_period)} is not a string YYYY-MM", job=spec.name)
         try:
             parse_period(raw_period)
         except InvalidWindow as exc:
@@ -182,13 +186,16 @@ def handler(event: Any, context: Any = None) -> dict[str, Any]:
         try:
             req = parse_event(event)
         except Exception as exc:
-            log.error("trigger_rejected", error=f"{type(exc).__name__}: {exc}")
+            log.error("trigger_rejected", error=describe_error(exc))
             raise
         try:
             resolve_secrets(os.environ)
         except Exception as exc:
-            log.error("secrets_unavailable", error=f"{type(exc).__name__}: {exc}")
+            log.error("secrets_unavailable", error=describe_error(exc))
             raise
+        # Logging was set up before the secrets were fetched: hide their values from now on.
+        register_secrets([*password_forms(os.environ.get("HOSTMETER_DATABASE_URL")),
+                          os.environ.get("MACKEREL_API_KEY", "")])
         settings = Settings.from_env()
         engine = _engine(settings.database_url)
         outcome = execute(engine, settings, req, wait_s=_lock_wait_s())

@@ -49,6 +49,7 @@ from jobs.runtime.errors import BadTrigger
 from jobs.runtime.ledger import job_runs
 from jobs.runtime.locks import DEFAULT_WAIT_S, key_lock
 from metering.db import reading
+from metering.display import quote_name
 from metering.settings import Settings
 from metering.timeutil import period_of
 
@@ -89,9 +90,9 @@ def parse_shard(text: str) -> Shard:
     try:
         i, n = (int(p) for p in text.split("/"))
     except ValueError:
-        raise BadTrigger(f"shard {text!r} is not I/N (e.g. 0/4)", shard=text) from None
+        raise BadTrigger(f"shard {quote_name(text)} is not I/N (e.g. 0/4)", shard=text) from None
     if not (n >= 1 and 0 <= i < n):
-        raise BadTrigger(f"shard {text!r}: need 0 <= I < N", shard=text)
+        raise BadTrigger(f"shard {quote_name(text)}: need 0 <= I < N", shard=text)
     return Shard(i, n)
 
 
@@ -400,13 +401,16 @@ def last_success(engine: Engine, job: str) -> datetime | None:
 
 
 def list_runs(engine: Engine, *, job: str | None = None, status: str | None = None,
-              limit: int = 50) -> list[dict[str, Any]]:
-    """The ledger, newest first."""
+              limit: int = 50, overdue_at: datetime | None = None) -> list[dict[str, Any]]:
+    """The ledger, newest first; with ``overdue_at``, only the runs still ``running`` past
+    their deadline at that instant."""
     q = sa.select(job_runs).order_by(job_runs.c.started_at.desc(), job_runs.c.run_id)
     if job:
         q = q.where(job_runs.c.job == job)
     if status:
         q = q.where(job_runs.c.status == status)
+    if overdue_at is not None:
+        q = q.where(job_runs.c.status == "running", job_runs.c.deadline < overdue_at)
     with reading(engine) as conn:
         rows = conn.execute(q.limit(limit)).mappings().all()
     return [

@@ -47,6 +47,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from jobs.runtime.errors import JobError
+from metering.db import describe_error
 
 __all__ = [
     "DEFAULT_MISFIRE_GRACE_TIME",
@@ -512,7 +513,7 @@ class LocalScheduler:
         try:
             self._retry()
         except Exception as exc:  # a failing retry pass must not stop the scheduler
-            _log.error("retry_pass_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            _log.error("retry_pass_failed", error=describe_error(exc), exc_info=True)
             return False
         return True
 
@@ -526,7 +527,7 @@ class LocalScheduler:
         try:
             self._fire(firing.job, firing.scheduled_time, firing.trigger)
         except Exception as exc:  # one job's failure must not stop the scheduler
-            _log.error(failed, error=f"{type(exc).__name__}: {exc}", exc_info=True, **fields)
+            _log.error(failed, error=describe_error(exc), exc_info=True, **fields)
             return False
         return True
 

@@ -249,3 +249,19 @@ def test_grant_is_for_postgresql_only(tmp_path: Path) -> None:
     engine = db.create_engine(f"sqlite:///{tmp_path / 'x.db'}")
     with pytest.raises(ConfigError, match="PostgreSQL"):
         grant_runtime_role(engine, "anyone")
+
+
+def test_db_grant_and_db_current_from_the_command_line(
+    two_roles: tuple[str, str, str], tmp_path: Path
+) -> None:
+    owner_url, runtime_url, runtime = two_roles
+    assert _hostmeter(owner_url, "db", "upgrade", cwd=tmp_path).returncode == 0
+    granted = _hostmeter(owner_url, "db", "grant", runtime, cwd=tmp_path)
+    assert granted.returncode == 0, granted.stderr
+    assert f"to {runtime}" in granted.stdout
+    as_owner = _hostmeter(owner_url, "db", "current", cwd=tmp_path)
+    assert "the owner of the tables: it could unseal final invoices" in as_owner.stdout
+    as_runtime = _hostmeter(runtime_url, "db", "current", cwd=tmp_path)
+    assert f"role: {runtime} (runtime role" in as_runtime.stdout, as_runtime.stdout
+    refused = _hostmeter(owner_url, "db", "grant", "postgres", cwd=tmp_path)
+    assert refused.returncode == 2 and "superuser" in refused.stderr

@@ -262,3 +262,23 @@ def test_a_failing_retry_pass_does_not_stop_the_scheduler() -> None:
         assert sched.running
     finally:
         sched.shutdown()
+
+
+def test_runs_overdue_lists_only_running_rows_past_their_deadline(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(job_runs), [
+            dict(run_id=run_id, job="close-billing-period", logical_time=now - timedelta(days=n),
+                 scheduled_time=now, shard="0/1", trigger="schedule", attempt=1, status=status,
+                 counts={}, host="w", pid=1, started_at=now - timedelta(hours=3),
+                 deadline=now + deadline)
+            for n, (run_id, status, deadline) in enumerate((
+                ("stuck", "running", timedelta(hours=-1)),
+                ("young", "running", timedelta(hours=1)),
+                ("ended", "failed", timedelta(hours=-1)),
+            ))])
+    out = hostmeter(db_url, tmp_path, "runs", "--overdue", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert [r["run_id"] for r in json.loads(out.stdout)] == ["stuck"]
