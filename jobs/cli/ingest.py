@@ -126,7 +126,7 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
     else:
         path = Path(source)
         if not path.is_file():  # bad input is reported before the database is touched
-            fail(f"{quote_name(source)}: no such file", EXIT_BAD_INPUT)
+            fail(f"{quote_name(source, limit=300)}: no such file", EXIT_BAD_INPUT)
         stream = path.open("rb")
         size = path.stat().st_size
     rejected = _RejectedLines() if fmt == "json" else None
@@ -145,7 +145,7 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
         elif exc.count > 1:
             # click.echo, not the rich console: a record's error stays on one line at any width.
             _list_errors(exc.errors, exc.count)
-        fail(f"{quote_name(source)}: {exc.errors[0]}; {exc}", EXIT_BAD_INPUT)
+        fail(f"{quote_name(source, limit=300)}: {exc.errors[0]}; {exc}", EXIT_BAD_INPUT)
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()

@@ -210,7 +210,7 @@ def test_missing_file_exits_2_before_touching_the_database(tmp_path: Path, url: 
     db_url = f"sqlite:///{fresh}" if url == "sqlite" else url
     proc = hostmeter("ingest", str(tmp_path / "nope.jsonl"), db_url=db_url, tmp_path=tmp_path)
     assert proc.returncode == 2
-    assert "nope.jsonl: no such file" in error_line(proc)
+    assert "nope.jsonl': no such file" in error_line(proc)  # the path, quoted, whole
     assert not fresh.exists()
 
 
