@@ -23,6 +23,7 @@ from metering.errors import ConfigError, DatabaseError, SchemaOutOfDate
 
 __all__ = [
     "UTCDateTime",
+    "bulk_insert",
     "check_connection",
     "create_engine",
     "current_revision",
@@ -348,6 +349,25 @@ def insert_ignore(
     return _execute_values(
         conn, _insert(conn, table).on_conflict_do_nothing(index_elements=list(key)), rows
     )
+
+
+def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert ``rows`` (no conflict expected) as fast as the backend takes them: PostgreSQL's
+    ``COPY … FROM STDIN`` (binary-safe, one round trip per megabytes of rows), SQLite's
+    ``executemany``. Returns the number of rows."""
+    if not rows:
+        return 0
+    if conn.dialect.name != "postgresql":
+        conn.execute(sa.insert(table), list(rows))
+        return len(rows)
+    columns = list(rows[0])
+    quote = conn.dialect.identifier_preparer.quote
+    sql = f"COPY {quote(table.name)} ({', '.join(quote(c) for c in columns)}) FROM STDIN"
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(sql) as copy:
+        for row in rows:
+            copy.write_row([row[c] for c in columns])
+    return len(rows)
 
 
 def upsert(

@@ -410,7 +410,7 @@ def test_a_bad_line_after_several_written_batches_still_writes_nothing(engine: E
     sa.event.listen(engine, "before_cursor_execute", spy)
     try:
         with pytest.raises(InvalidBatch) as info:
-            ingest_lines(engine, lines, batch_size=10)
+            ingest_lines(engine, lines, batch_size=10, hold_keys=1)
     finally:
         sa.event.remove(engine, "before_cursor_execute", spy)
     assert any("host_hours" in s for s in inserts), "the good batches were never written"
@@ -582,6 +582,8 @@ def test_a_later_plan_record_for_the_same_instant_wins(
 
 
 def test_input_is_consumed_lazily_in_batches(engine: Engine) -> None:
+    """Host posts are held per host-hour (``hold_keys`` of them) and written when that many
+    have gathered: the input is read as it is written, never whole."""
     total, batch_size = 50_000, 1000
     pulled = 0
 
@@ -589,7 +591,7 @@ def test_input_is_consumed_lazily_in_batches(engine: Engine) -> None:
         nonlocal pulled
         for i in range(total):
             pulled += 1
-            yield host("acme", f"h-{i % 10}", "2026-10-15T10:03:00Z", ["a", "b"])
+            yield host("acme", f"h-{i}", "2026-10-15T10:03:00Z", ["a", "b"])
 
     seen_at_statement: list[int] = []
 
@@ -600,18 +602,18 @@ def test_input_is_consumed_lazily_in_batches(engine: Engine) -> None:
     source = lines()
     sa.event.listen(engine, "before_cursor_execute", spy)
     try:
-        summary = ingest_lines(engine, source, batch_size=batch_size)
+        summary = ingest_lines(engine, source, batch_size=batch_size, hold_keys=batch_size)
     finally:
         sa.event.remove(engine, "before_cursor_execute", spy)
 
     assert summary.records == total
-    # The first batch reached the database after one batch of lines had been read, not the file;
-    # then every batch was written before the next one was read.
-    first_write = min(n for n in seen_at_statement if n > 0)
+    # The first host-hours reached the database after one batch of lines had been read, not the
+    # file; then every batch was written before the next one was read.
+    first_write = min(n for n in seen_at_statement if n > 1)  # line 1: the tenant's id
     assert first_write == batch_size
     assert set(range(batch_size, total + 1, batch_size)) <= set(seen_at_statement)
     assert host_hours(engine) == {
-        ("acme", f"h-{i}", "10-15T10"): ("standard", F("ab")) for i in range(10)
+        ("acme", f"h-{i}", "10-15T10"): ("standard", F("ab")) for i in range(total)
     }
 
 

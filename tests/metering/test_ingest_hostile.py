@@ -365,7 +365,7 @@ def test_memory_does_not_grow_with_distinct_hosts(
     """Two files of the same shape, one with five times the distinct hosts: the same peak
     (before, the summary and the id cache kept every host of the file: about four objects
     per host)."""
-    for name in ("CACHE_KEYS", "DISTINCT_IN_MEMORY"):
+    for name in ("CACHE_KEYS", "DISTINCT_IN_MEMORY", "FAST_KEYS"):
         monkeypatch.setattr(ingest, name, 500, raising=False)
 
     def distinct(n: int, tenant: str) -> list[str]:
