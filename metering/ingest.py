@@ -9,8 +9,18 @@ Exactness without a row per post: every distinct metric name gets a dense per-te
 its bits into the bitmap; ``metric_count`` is the bitmap's population count. Loading the same
 post again ORs in bits that are already set and writes nothing.
 
-Writers are serialised (PostgreSQL: a transaction-scoped advisory lock; SQLite: ``BEGIN
-IMMEDIATE``), so the read-merge-write of a bitmap and the assignment of new ordinals never race.
+Writers of the same tenant are serialised, so the read-merge-write of a bitmap and the
+assignment of new ordinals never race. SQLite has one writer at a time (``BEGIN IMMEDIATE``).
+PostgreSQL runs ingests of different tenants in parallel (:class:`_TenantLocks`): each input
+holds the ingest lock *shared* and a transaction-scoped advisory lock per tenant, taken the first
+time the input names the tenant, before any of its rows is read or written. Two inputs that name
+the same tenants therefore run one after the other for those tenants — the result is exactly
+that of running them one after the other. An input that names more than
+:data:`TENANT_LOCKS` tenants takes the ingest lock exclusively instead (the lock table is
+finite). Two inputs that meet the same tenants in opposite orders can deadlock; PostgreSQL
+aborts one of them, which is then run again from its first line (:func:`ingest_lines` re-opens
+or replays its input; :meth:`UsageRecorder.record` keeps its records): nothing is lost, nothing
+is counted twice.
 
 Memory stays flat whatever the input: records are written in batches (:data:`BATCH_BYTES` of
 lines at most), the id and name caches are dropped when they outgrow :data:`CACHE_KEYS` /
@@ -59,8 +69,15 @@ from metering.timeutil import floor_hour
 
 __all__ = ["IngestSummary", "UsageRecorder", "ingest_lines", "read_lines"]
 
-#: ``pg_advisory_xact_lock`` key that serialises ingest writers on PostgreSQL.
+#: ``pg_advisory_xact_lock`` key of ingest on PostgreSQL: every input holds it shared; an input
+#: with many tenants, and anything that must exclude every ingest (the bench's clean-up), holds
+#: it exclusively.
 INGEST_LOCK_KEY = 0x686D5F696E67  # "hm_ing"
+TENANT_LOCK_SPACE = 0x686D74  # "hmt": pg_advisory_xact_lock(TENANT_LOCK_SPACE, hashtext(key))
+TENANT_LOCKS = 500
+"""Tenant locks one input takes before it takes the ingest lock exclusively instead."""
+DEADLOCK_RETRIES = 5
+"""Times an input aborted by a deadlock with a concurrent ingest is run again."""
 _CHUNK = 400  # keys per ``IN (...)`` look-up; well under SQLite's bound-parameter limit
 KEEP_ERRORS = 20
 """Bad lines an :class:`IngestSummary` (or :class:`InvalidBatch`) keeps; all are counted."""
@@ -183,9 +200,11 @@ class _DistinctKeys:
 class _Writer:
     """Writes batches of records inside one open transaction, with bounded look-up caches."""
 
-    def __init__(self, conn: Connection, summary: IngestSummary) -> None:
+    def __init__(self, conn: Connection, summary: IngestSummary, *,
+                 exclusive: bool = False) -> None:
         self.conn = conn
         self.summary = summary
+        self.locks = _TenantLocks(conn, exclusive=exclusive)
         self.tenant_ids: dict[str, int] = {}
         self.host_ids: dict[tuple[int, str], int] = {}
         self.ordinals: dict[tuple[int, str], dict[str, int]] = {}
@@ -217,6 +236,7 @@ class _Writer:
         if len(self.tenant_ids) + len(missing) > CACHE_KEYS:
             self.tenant_ids.clear()  # a cache, not the truth: look this batch's keys up again
             missing = list(keys)
+        self.locks.take(missing)  # before any row of these tenants is read or written
         insert_ignore(self.conn, m.tenants, [{"key": k} for k in missing], key=["key"])
         for i in range(0, len(missing), _CHUNK):
             part = missing[i : i + _CHUNK]
@@ -587,9 +607,77 @@ def _write_full_batches(writer: _Writer, records: Iterable[tuple[Record, int]],
     return batch
 
 
-def _lock(conn: Connection) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": INGEST_LOCK_KEY})
+class _TenantLocks:
+    """The locks of one input's transaction on PostgreSQL (nothing on SQLite, whose
+    ``BEGIN IMMEDIATE`` already admits one writer): the ingest lock shared, then one advisory
+    lock per tenant key, in sorted order within each call; past :data:`TENANT_LOCKS` tenants,
+    the ingest lock exclusively (a transaction may take a stronger lock on a key it holds)."""
+
+    def __init__(self, conn: Connection, *, exclusive: bool = False) -> None:
+        self.conn = conn
+        self.active = conn.dialect.name == "postgresql"
+        self.exclusive = exclusive
+        self.held: set[str] = set()
+        if self.active:
+            fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+            conn.execute(sa.text(f"SELECT {fn}(:k)"), {"k": INGEST_LOCK_KEY})
+
+    def take(self, keys: Iterable[str]) -> None:
+        if not self.active or self.exclusive:
+            return
+        new = sorted(set(keys) - self.held)
+        if not new:
+            return
+        if len(self.held) + len(new) > TENANT_LOCKS:
+            self.conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
+                              {"k": INGEST_LOCK_KEY})
+            self.exclusive = True
+            return
+        # unnest keeps the array's (sorted) order, so every input locks tenants in one order.
+        self.conn.execute(
+            sa.text("SELECT count(pg_advisory_xact_lock(:space, hashtext(k))) "
+                    "FROM unnest(CAST(:keys AS text[])) AS k"),
+            {"space": TENANT_LOCK_SPACE, "keys": new},
+        )
+        self.held.update(new)
+
+
+def _deadlocked(exc: BaseException) -> bool:
+    """``exc`` is PostgreSQL aborting this transaction to break a deadlock (SQLSTATE 40P01)."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "40P01"
+
+
+class _Replay:
+    """An input that can be read again from its first line: the lines read so far are kept in
+    an anonymous temporary file as they pass (in memory up to a few MB), so a run aborted by a
+    deadlock replays them and then reads on. For inputs nobody can re-open (standard input,
+    a generator)."""
+
+    def __init__(self, lines: Iterable[str | bytes]) -> None:
+        import tempfile
+
+        self.source = iter(lines)
+        self.file = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 (closed by close())
+        self.end = 0
+
+    def __iter__(self) -> Iterator[str | bytes]:
+        f = self.file
+        f.seek(0)
+        while f.tell() < self.end:
+            head = f.read(5)
+            n = int.from_bytes(head[1:], "little")
+            data = f.read(n)
+            yield data if head[0] else data.decode("utf-8", "surrogatepass")
+        for line in self.source:
+            raw = line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass")
+            f.seek(self.end)
+            f.write(bytes([isinstance(line, bytes)]) + len(raw).to_bytes(4, "little") + raw)
+            self.end = f.tell()
+            yield line
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class UsageRecorder:
@@ -611,13 +699,24 @@ class UsageRecorder:
 
     def record(self, records: Iterable[Record]) -> IngestSummary:
         """Record validated records in one transaction; returns what was touched."""
-        summary = IngestSummary()
-        with self.engine.begin() as conn:
-            _lock(conn)
-            writer = _Writer(conn, summary)
-            writer.write(_write_full_batches(writer, ((r, 0) for r in records), self.batch_size))
-            writer.finish()
-        return summary
+        if self.engine.dialect.name == "postgresql":
+            records = list(records)  # kept, to run again if a deadlock aborts the first run
+        exclusive = False
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            summary = IngestSummary()
+            writer: _Writer | None = None
+            try:
+                with self.engine.begin() as conn:
+                    writer = _Writer(conn, summary, exclusive=exclusive)
+                    writer.write(_write_full_batches(writer, ((r, 0) for r in records),
+                                                     self.batch_size))
+                    writer.finish()
+                return summary
+            except sa.exc.DBAPIError as exc:
+                if not _deadlocked(exc) or attempt == DEADLOCK_RETRIES:
+                    raise
+                exclusive = writer is not None and writer.locks.exclusive
+        raise AssertionError("unreachable")
 
     def post_host_metrics(
         self, *, tenant: str, host: str, kind: str, at: datetime, metrics: Iterable[str]
@@ -663,6 +762,7 @@ def ingest_lines(
     hold_keys: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_error: Callable[[InvalidRecord], None] | None = None,
+    reopen: Callable[[], Iterable[str | bytes]] | None = None,
 ) -> IngestSummary:
     """Parse and record JSON Lines in one transaction, streaming in batches.
 
@@ -679,7 +779,60 @@ def ingest_lines(
     without per-name Python work, and accumulated per host-hour — up to ``hold_keys`` of them
     (default :data:`FAST_KEYS`) — before they are written. Other records are written every
     ``batch_size`` records.
+
+    On PostgreSQL an input that a concurrent ingest deadlocks with (see the module's docstring)
+    is run again from its first line: ``reopen()`` gives the input afresh (a file is opened
+    again); without it the lines read so far are kept in a temporary file as they pass and
+    replayed. ``on_error`` hears of each bad line once, however many runs it takes.
     """
+    replay: _Replay | None = None
+    if engine.dialect.name == "postgresql" and reopen is None:
+        replay = _Replay(lines)
+        lines = replay
+    reported = 0
+
+    def report_once(exc: InvalidRecord) -> None:
+        nonlocal reported
+        if on_error is not None and (exc.line or 0) > reported:
+            reported = exc.line or 0
+            on_error(exc)
+
+    exclusive = False
+    try:
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            if attempt and reopen is not None:
+                lines = reopen()
+            locks: list[_TenantLocks] = []
+            try:
+                return _ingest_once(
+                    engine, lines, skip_invalid=skip_invalid, batch_size=batch_size,
+                    hold_keys=hold_keys, on_progress=on_progress, on_error=report_once,
+                    exclusive=exclusive, locks=locks,
+                )
+            except sa.exc.DBAPIError as exc:
+                if not _deadlocked(exc) or attempt == DEADLOCK_RETRIES:
+                    raise
+                exclusive = bool(locks) and locks[0].exclusive
+        raise AssertionError("unreachable")
+    finally:
+        if replay is not None:
+            replay.close()
+
+
+def _ingest_once(
+    engine: Engine,
+    lines: Iterable[str | bytes],
+    *,
+    skip_invalid: bool,
+    batch_size: int,
+    hold_keys: int | None,
+    on_progress: Callable[[int], None] | None,
+    on_error: Callable[[InvalidRecord], None],
+    exclusive: bool,
+    locks: list[_TenantLocks],
+) -> IngestSummary:
+    """One run of :func:`ingest_lines` in one transaction (``locks`` gets its locks, so that a
+    run after a deadlock knows whether it needed the ingest lock exclusively)."""
     summary = IngestSummary()
     valid = 0
     hold = FAST_KEYS if hold_keys is None else hold_keys
@@ -687,8 +840,8 @@ def ingest_lines(
     DecodeError = msgspec.DecodeError
 
     with engine.begin() as conn:
-        _lock(conn)
-        writer = _Writer(conn, summary)
+        writer = _Writer(conn, summary, exclusive=exclusive)
+        locks.append(writer.locks)
         add_post = writer.post_adder()
         held = writer.fast_acc
         batch: list[Record] = []
@@ -718,8 +871,7 @@ def ingest_lines(
                 summary.rejected += 1
                 if len(summary.errors) < KEEP_ERRORS:
                     summary.errors.append(exc)
-                if on_error is not None:
-                    on_error(exc)
+                on_error(exc)
                 continue
             if rec is None:
                 continue

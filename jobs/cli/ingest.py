@@ -120,6 +120,7 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
     from metering.errors import InvalidBatch
     from metering.ingest import ingest_lines
 
+    path: Path | None = None
     if source == "-":
         stream: BinaryIO = sys.stdin.buffer
         size = None
@@ -129,13 +130,21 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
             fail(f"{quote_name(source, limit=300)}: no such file", EXIT_BAD_INPUT)
         stream = path.open("rb")
         size = path.stat().st_size
+    opened = [stream]
     rejected = _RejectedLines() if fmt == "json" else None
     try:
         engine = current_state().engine()
         with progress(f"ingest {source}", size) as update:
+
+            def reopen() -> Iterator[bytes]:
+                # A run aborted by a deadlock with a concurrent ingest reads the file again.
+                assert path is not None
+                opened.append(path.open("rb"))
+                return _binary_lines(opened[-1], update, size)
+
             summary = ingest_lines(
                 engine, _binary_lines(stream, update, size), skip_invalid=skip_invalid,
-                on_error=rejected,
+                on_error=rejected, reopen=reopen if path is not None else None,
             )
         _print_ingest(summary, fmt, rejected)
     except InvalidBatch as exc:
@@ -147,8 +156,9 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
             _list_errors(exc.errors, exc.count)
         fail(f"{quote_name(source, limit=300)}: {exc.errors[0]}; {exc}", EXIT_BAD_INPUT)
     finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
+        for f in opened:
+            if f is not sys.stdin.buffer:
+                f.close()
         if rejected is not None:
             rejected.close()
 
