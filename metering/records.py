@@ -38,6 +38,7 @@ from metering.models import HOST_KINDS, PLANS
 from metering.timeutil import parse_instant
 
 __all__ = [
+    "METRIC_LIST",
     "AnomalyRole",
     "HostPost",
     "HostPostWire",
@@ -147,15 +148,23 @@ class HostPostWire(msgspec.Struct, gc=False):
     (:mod:`metering.ingest`): msgspec checks the types in C while it decodes. It checks shapes
     only; the values (names within :data:`BYTE_LIMITS`, the instant) are checked by the same
     functions as :func:`parse_record`'s, once per distinct value. A line this does not decode
-    goes through :func:`parse_line`, which accepts it or says exactly what is wrong."""
+    goes through :func:`parse_line`, which accepts it or says exactly what is wrong.
+
+    ``metrics`` stays raw JSON (its bytes, checked to be well-formed): agents post the same
+    names minute after minute, so ingest looks the bytes up among the lists it has already
+    decoded and checked, and decodes them with :data:`METRIC_LIST` only when they are new."""
 
     type: Literal["host_post"]
     tenant: str
     host: str
     kind: Literal["standard", "micro"]
     at: str
-    metrics: Annotated[list[str], msgspec.Meta(min_length=1)]
+    metrics: msgspec.Raw
     v: int = SCHEMA_VERSION
+
+
+METRIC_LIST = msgspec.json.Decoder(Annotated[list[str], msgspec.Meta(min_length=1)])
+"""Decodes a :class:`HostPostWire`'s raw ``metrics``: a non-empty list of strings."""
 
 
 def checked_text(field: str, value: str) -> bool:

@@ -632,3 +632,52 @@ def test_service_metrics_are_distinct_per_service_and_name(engine: sa.Engine) ->
     with engine.connect() as conn:
         count = conn.execute(sa.text("SELECT metric_count FROM service_hours")).scalar_one()
     assert count == 3  # web/req.count, web/latency, api/req.count
+
+
+def _names_of(engine: Engine, tenant: str, host: str) -> set[str]:
+    """The names recorded for ``host`` in its one hour, decoded through the tenant's
+    dictionary."""
+    with engine.connect() as conn:
+        tenant_id = conn.execute(
+            sa.select(m.tenants.c.id).where(m.tenants.c.key == tenant)).scalar_one()
+        dictionary = dict(conn.execute(
+            sa.select(m.metric_names.c.ordinal, m.metric_names.c.name)
+            .where(m.metric_names.c.tenant_id == tenant_id)).all())
+        blob = conn.execute(
+            sa.select(m.host_hours.c.metric_bits)
+            .join(m.hosts, m.hosts.c.id == m.host_hours.c.host_id)
+            .where(m.hosts.c.tenant_id == tenant_id, m.hosts.c.key == host)).scalar_one()
+    bits = int.from_bytes(bytes(blob), "little")
+    return {dictionary[i] for i in range(bits.bit_length()) if bits >> i & 1}
+
+
+@pytest.mark.parametrize("remembered", [10_000, 1])
+def test_the_same_list_of_names_means_other_bits_in_another_tenant(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, remembered: int
+) -> None:
+    """The fast path remembers the bitmap of a list of names it has seen; the same bytes in
+    another tenant, whose dictionary numbers those names otherwise, must not reuse it (the
+    bug: b/h-2 recorded as {q, x} instead of {x, y}). With room for one list only, the
+    remembered bitmaps are dropped and computed again, to the same result."""
+    from metering import ingest
+
+    monkeypatch.setattr(ingest, "COMBOS", remembered)
+
+    def line(tenant: str, host: str, minute: int, names: list[str]) -> str:
+        return json.dumps({"type": "host_post", "tenant": tenant, "host": host,
+                           "kind": "standard", "at": f"2026-10-15T10:{minute:02d}:00Z",
+                           "metrics": names})
+
+    lines = [
+        line("a", "h-1", 1, ["x", "y"]),       # a: x=0, y=1
+        line("b", "h-1", 1, ["q"]),            # b: q=0
+        line("b", "h-2", 2, ["x", "y"]),       # b: x=1, y=2 — the same bytes as a's list
+        line("a", "h-2", 3, ["x", "y"]),
+        line("b", "h-3", 4, ["x", "y"]),
+    ]
+    ingest_lines(engine, lines)
+    assert _names_of(engine, "a", "h-1") == {"x", "y"}
+    assert _names_of(engine, "b", "h-1") == {"q"}
+    assert _names_of(engine, "b", "h-2") == {"x", "y"}
+    assert _names_of(engine, "a", "h-2") == {"x", "y"}
+    assert _names_of(engine, "b", "h-3") == {"x", "y"}
