@@ -354,14 +354,20 @@ def insert_ignore(
 def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> int:
     """Insert ``rows`` (no conflict expected) as fast as the backend takes them: PostgreSQL's
     ``COPY … FROM STDIN`` (binary-safe, one round trip per megabytes of rows), SQLite's
-    ``executemany``. Returns the number of rows."""
+    ``executemany`` on the driver. Values go to the driver as they are (no SQLAlchemy type
+    processing: integers, text and bytes). Returns the number of rows."""
     if not rows:
         return 0
-    if conn.dialect.name != "postgresql":
-        conn.execute(sa.insert(table), list(rows))
-        return len(rows)
     columns = list(rows[0])
     quote = conn.dialect.identifier_preparer.quote
+    if conn.dialect.name != "postgresql":
+        marks = ", ".join("?" for _ in columns)
+        conn.exec_driver_sql(
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
+            f"VALUES ({marks})",
+            [tuple(row[c] for c in columns) for row in rows],
+        )
+        return len(rows)
     sql = f"COPY {quote(table.name)} ({', '.join(quote(c) for c in columns)}) FROM STDIN"
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor.copy(sql) as copy:
