@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import platform
 import sqlite3
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,7 +16,12 @@ import structlog
 from sqlalchemy.engine import Engine
 
 from jobs.synthetic.bench.checks import Check, invoices_check, run_checks
-from jobs.synthetic.bench.generate import GenerateResult, generate_fleet, table_counts
+from jobs.synthetic.bench.generate import (
+    GenerateResult,
+    fill_month,
+    generate_fleet,
+    table_counts,
+)
 from jobs.synthetic.bench.measure import (
     CloseTiming,
     IngestTiming,
@@ -22,6 +29,14 @@ from jobs.synthetic.bench.measure import (
     time_close,
     time_ingest,
     time_snapshots,
+)
+from jobs.synthetic.bench.memory import PeakRSS
+from jobs.synthetic.bench.posts import (
+    ParallelTiming,
+    PostsTiming,
+    time_ingest_file,
+    time_parallel,
+    write_posts,
 )
 from jobs.synthetic.bench.startup import StartupTiming, time_startup
 from jobs.synthetic.bench.tiers import DEFAULT_PERIOD, BenchTier, Progress, no_progress
@@ -53,6 +68,11 @@ class BenchReport:
     checks: list[Check]
     database_counts: dict[str, int]
     startup: StartupTiming | None = None
+    posts: PostsTiming | None = None
+    parallel: ParallelTiming | None = None
+    parallel_note: str | None = None
+    fill_s: float | None = None
+    peak_rss_mib: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -81,7 +101,13 @@ class BenchReport:
                 "rows": self.generated.counts,
             },
             "ingest": {**self.ingest.as_dict(), "single_post_calls": self.ingest_single.as_dict()},
+            "ingest_file": self.posts.as_dict() if self.posts else None,
+            "ingest_parallel": (self.parallel.as_dict() if self.parallel
+                                else {"skipped": self.parallel_note}),
             "snapshot": self.snapshot.as_dict(),
+            "month_filled_s": round(self.fill_s, 3) if self.fill_s is not None else None,
+            "peak_rss_mib": {**self.peak_rss_mib,
+                             "ingest_file": self.posts.ingest.peak_rss_mib if self.posts else None},
             "close": self.close.as_dict() if self.close else None,
             "counts": self.database_counts,
             "checks": {c.name: {"ok": c.ok, **c.details} for c in self.checks},
@@ -94,6 +120,33 @@ def _server_version(engine: Engine) -> str:
         return sqlite3.sqlite_version
     with engine.connect() as conn:
         return str(conn.exec_driver_sql("SHOW server_version").scalar_one())
+
+
+def _time_files(
+    engine: Engine, tier: BenchTier, start: datetime, progress_factory: Progress
+) -> tuple[PostsTiming | None, ParallelTiming | None, str | None]:
+    """The real ingest path: a JSON Lines file through ``hostmeter ingest`` beside a bare parse
+    and, on PostgreSQL, two processes on disjoint tenants beside one."""
+    if not tier.file_hosts:
+        return None, None, "this tier writes no file of posts"
+    url = engine.url.render_as_string(hide_password=False)
+    with tempfile.TemporaryDirectory(prefix="hostmeter-bench-") as tmp, \
+            progress_factory("ingest a file of posts", None):
+        first, second = (
+            write_posts(Path(tmp) / f"posts{i}.jsonl", tenants=tier.file_tenants,
+                        hosts=tier.file_hosts, start=start + i * tier.file_hours * HOUR,
+                        hours=tier.file_hours)
+            for i in range(2)
+        )
+        posts = time_ingest_file(first, second, url)
+        first.path.unlink()
+        second.path.unlink()
+        if engine.dialect.name != "postgresql":
+            return posts, None, ("SQLite admits one writer at a time: two ingest processes "
+                                 "run one after the other by design")
+        parallel = time_parallel(Path(tmp), url, tenants=tier.file_tenants,
+                                 hosts=tier.file_hosts, start=start, hours=tier.file_hours)
+    return posts, parallel, None
 
 
 def run_bench(
@@ -118,15 +171,31 @@ def run_bench(
     end = hour_list[-1] + HOUR
     db.ensure_schema(engine)
 
-    generated = generate_fleet(engine, tier, start, len(hour_list),
-                               progress_factory=progress_factory)
-    ingest, single = time_ingest(engine, tier, start, len(hour_list),
-                                 progress_factory=progress_factory)
-    snapshot = time_snapshots(engine, settings, hour_list, progress_factory=progress_factory)
+    rss: dict[str, float | None] = {}
+    with PeakRSS() as peak:
+        generated = generate_fleet(engine, tier, start, len(hour_list),
+                                   progress_factory=progress_factory)
+    rss["generate"] = peak.mib
+    with PeakRSS() as peak:
+        ingest, single = time_ingest(engine, tier, start, len(hour_list),
+                                     progress_factory=progress_factory)
+    rss["ingest_api"] = peak.mib
+    posts, parallel, parallel_note = _time_files(engine, tier, start, progress_factory)
+    with PeakRSS() as peak:
+        snapshot = time_snapshots(engine, settings, hour_list, progress_factory=progress_factory)
+    rss["snapshot"] = peak.mib
     checks = run_checks(engine, start, end, len(hour_list), snapshot.run_id, generated)
+    fill_s = None
+    if tier.fill_month and end < month_end:
+        rest = list(hours_between(end, month_end))
+        fill_s = fill_month(engine, hour_list, rest, snapshot.run_id,
+                            progress_factory=progress_factory)
+        end = month_end
     close = None
     if end == month_end:  # a whole month was snapshotted: close it (a partial tier cannot)
-        close = time_close(engine, settings, period)
+        with PeakRSS() as peak:
+            close = time_close(engine, settings, period)
+        rss["close"] = peak.mib
         checks.append(invoices_check(engine, period, start, end, close))
     with engine.connect() as conn:
         counts = table_counts(conn)
@@ -145,7 +214,8 @@ def run_bench(
         database=db.redact_url(str(engine.url)), backend=engine.dialect.name,
         server_version=_server_version(engine), start=start, end=end, generated=generated,
         ingest=ingest, ingest_single=single, snapshot=snapshot, close=close, checks=checks,
-        database_counts=counts, startup=startup,
+        database_counts=counts, startup=startup, posts=posts, parallel=parallel,
+        parallel_note=parallel_note, fill_s=fill_s, peak_rss_mib=rss,
     )
     structlog.get_logger("hostmeter.bench").info(
         "bench_finished", tier=tier.name, backend=report.backend, ok=report.ok,

@@ -63,6 +63,16 @@ class BenchTier:
     """Posts per :meth:`UsageRecorder.record` call (one transaction) in the batched sample."""
     single_posts: int = 100
     """Posts sent one per call (one transaction each): the latency of a lone post."""
+    file_tenants: int = 0
+    file_hosts: int = 0
+    """The JSON Lines file of agent posts timed through ``hostmeter ingest`` beside a bare
+    parse (:mod:`jobs.synthetic.bench.posts`): every one of ``file_hosts`` hosts (over
+    ``file_tenants`` skewed tenants) posts every minute for ``file_hours`` hours."""
+    file_hours: int = 1
+    fill_month: bool = False
+    """Snapshot only the first ``hours`` hours of recorded usage, then copy that day's
+    snapshots over the rest of the month, so that the close runs on a whole month without a
+    month of ``host_hours`` (which would not fit the machine at 300,000 hosts)."""
 
     @property
     def ingest_posts(self) -> int:
@@ -76,10 +86,21 @@ TIERS: dict[str, BenchTier] = {
     "small": BenchTier(
         name="small", tenants=20, hosts=200, ingest_tenants=2, ingest_hosts_per_tenant=5,
         ingest_hours=4, ingest_posts_per_host_hour=50, posts_per_call=500, single_posts=50,
+        file_tenants=10, file_hosts=100,
     ),
     "medium": BenchTier(
         name="medium", tenants=2_000, hosts=30_000, ingest_tenants=5, ingest_hosts_per_tenant=20,
         ingest_hours=10, ingest_posts_per_host_hour=50, posts_per_call=1000, single_posts=500,
+        file_tenants=100, file_hosts=1_000,
+    ),
+    # The size of the service hostmeter models: 20,000 tenants, 300,000 hosts (tenant 1 has
+    # ~2,000 of them). A day of host_hours (7.2 M rows) is snapshotted; the month is filled
+    # from that day for the close (PostgreSQL; SQLite is measured up to medium).
+    "large": BenchTier(
+        name="large", tenants=20_000, hosts=300_000, hours=24, fill_month=True,
+        ingest_tenants=5, ingest_hosts_per_tenant=20, ingest_hours=10,
+        ingest_posts_per_host_hour=50, posts_per_call=1000, single_posts=500,
+        file_tenants=500, file_hosts=5_000,
     ),
 }
 
