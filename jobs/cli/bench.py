@@ -17,7 +17,9 @@ __all__ = ["bench_command"]
 
 @click.command("bench")
 @click.option("--tier", type=click.Choice(list(TIERS)), default="small", show_default=True,
-              help="Fleet size: small (CI) or medium (~2,000 tenants, 30,000 hosts).")
+              help="Fleet size: small (CI), medium (2,000 tenants, 30,000 hosts, a month) or "
+                   "large (20,000 tenants, 300,000 hosts: a day of host-hours, a month of "
+                   "snapshots; PostgreSQL only).")
 @click.option("--period", default=DEFAULT_PERIOD, show_default=True, metavar="YYYY-MM",
               help="Month to generate and snapshot (in the billing time zone).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -53,6 +55,9 @@ def bench_command(tier: str, period: str, out_path: Path | None, startup_repeats
         _emit({"bench": "hostmeter", "startup": startup.as_dict()}, out_path)
         return
     state = current_state()
+    if tier == "large" and not state.settings.database_url.startswith("postgresql"):
+        fail("the large tier runs on PostgreSQL (the production backend); on SQLite use "
+             "--tier medium", EXIT_BAD_INPUT)
     try:
         report = run_bench(state.engine(), state.settings, TIERS[tier], period=period,
                            progress_factory=progress, startup_repeats=startup_repeats)

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_posts_file_every_host_every_minute_skewed_and_mostly_steady(tmp_path: P
     assert min(hosts_of.values()) < 40 // 5  # and small ones
     first = [p["metrics"] for p in posts if p["host"] == "bench-post-h7"]
     assert all(len(ms) == 20 for ms in first)
-    assert all(a[:18] == b[:18] for a, b in zip(first, first[1:], strict=False))  # 90 % steady
+    assert all(a[:18] == b[:18] for a, b in pairwise(first))  # 90 % steady
     assert len({tuple(ms) for ms in first}) > 1  # the rest rotates
     floor_s, keys = parse_floor(f.path)
     assert floor_s > 0 and keys == 40 * 2
@@ -135,3 +136,15 @@ def test_tiers_large_is_the_service_size() -> None:
     assert (large.tenants, large.hosts, large.hours, large.fill_month) == (
         20_000, 300_000, 24, True)
     assert all(t.file_hosts for t in TIERS.values())
+
+
+def test_large_tier_is_refused_on_sqlite_before_anything_is_written(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    result = CliRunner().invoke(cli, ["--database-url", url, "bench", "--tier", "large"])
+    assert result.exit_code == 2
+    assert "the large tier runs on PostgreSQL" in result.stderr
+    assert not (tmp_path / "never.db").exists()
