@@ -3,7 +3,8 @@
 Window: the scheduled time ``T`` → the cut-off, the start of the billing month that contains
 ``T − retention`` (``HOSTMETER_RETENTION_DAYS``, default 400 days: a year plus time for late
 corrections). Whole months only, and only hours already snapshotted (see
-:mod:`metering.retention`), so every pruned hour stays billable from its snapshot.
+:mod:`metering.retention`), so every pruned hour stays billable from its snapshot. On
+PostgreSQL whole UTC-month partitions are dropped where they can be, the rest deleted by rows.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import structlog
 
 from jobs.runtime.context import JobContext
+from metering.partitions import JOB_LOCK_TIMEOUT
 from metering.retention import prune
 from metering.timeutil import month_bounds, period_of
 
@@ -28,10 +30,12 @@ def cutoff(logical_time: datetime, retention_days: int, zone: Any) -> datetime:
 def run(ctx: JobContext, logical_time: datetime) -> dict[str, Any]:
     limit = cutoff(logical_time, ctx.settings.retention_days, ctx.settings.zone)
     with ctx.engine.begin() as conn:
-        result = prune(conn, limit, now=ctx.clock())
+        result = prune(conn, limit, now=ctx.clock(), lock_timeout=JOB_LOCK_TIMEOUT)
     structlog.get_logger("hostmeter.prune").info(
         "usage_pruned", cutoff=limit.isoformat(), host_hours=result.host_hours,
-        service_hours=result.service_hours)
+        service_hours=result.service_hours, partitions_dropped=result.partitions_dropped,
+        partitions_skipped=result.partitions_skipped)  # why whole months went row by row
     return {"cutoff": limit.isoformat(), "retention_days": ctx.settings.retention_days,
             "host_hours_deleted": result.host_hours,
-            "service_hours_deleted": result.service_hours}
+            "service_hours_deleted": result.service_hours,
+            "partitions_dropped": result.partitions_dropped}

@@ -3,6 +3,12 @@
 Window: the scheduled time ``T`` → the full hour before ``T`` plus ``lookback`` earlier hours
 (default 3) to absorb late posts. ``T = 10:05`` snapshots 06:00, 07:00, 08:00 and 09:00 (UTC).
 A backfill passes the hours explicitly. Each hour is its own transaction.
+
+First, on PostgreSQL, the monthly partitions of the month of ``T``, the months after it
+(:data:`~metering.partitions.MONTHS_AHEAD`) and the months of the hours snapshotted are made
+sure of (:func:`~metering.partitions.ensure_months`, its own short transaction). A role that
+may not create them, or a table lock not granted within seconds, does not fail the run: rows of
+a month without its partition go to the DEFAULT partition, and the next run tries again.
 """
 
 from __future__ import annotations
@@ -17,6 +23,13 @@ import structlog
 from billing.catalog import catalog_for
 from billing.service import limits_for
 from jobs.runtime.context import JobContext
+from metering.partitions import (
+    JOB_LOCK_TIMEOUT,
+    PARTITIONED,
+    ensure_months,
+    missing_months,
+    months_ahead,
+)
 from metering.retention import frozen_hours
 from metering.snapshot import DEFAULT_LOOKBACK, MetricLimits, snapshot_hours
 from metering.timeutil import HOUR, floor_hour, hours_between, period_of
@@ -42,6 +55,33 @@ def backfill_hours(start: datetime, end: datetime) -> list[datetime]:
 def _limits(hour: datetime, zone: ZoneInfo) -> MetricLimits:
     """The per-host metric limits of the catalog in force for the month containing ``hour``."""
     return limits_for(catalog_for(period_of(hour, zone)))
+
+
+def _ensure_partitions(ctx: JobContext, logical_time: datetime,
+                       hours: Sequence[datetime]) -> None:
+    """Create the monthly partitions ahead of need (PostgreSQL; see the module docstring).
+
+    Giving up is a warning only when a month the run writes now has no partition (its rows go
+    to the DEFAULT partition until the owner runs ``hostmeter db upgrade``); months ahead can
+    wait for a later run.
+    """
+    log = structlog.get_logger("hostmeter.snapshot")
+    now = [logical_time, *hours]
+    # One table per transaction: the job never holds two tables' ACCESS EXCLUSIVE locks at once.
+    for table in PARTITIONED:
+        with ctx.engine.begin() as conn:
+            result = ensure_months(conn, [*months_ahead(logical_time), *now], tables=(table,),
+                                   lock_timeout=JOB_LOCK_TIMEOUT)
+            waiting = (missing_months(conn, now, tables=(table,))
+                       if result.skipped is not None else {})
+        if result.created:
+            log.debug("partitions_created", partitions=[p.name for p in result.created],
+                      moved_rows=result.moved_rows)
+        if waiting:
+            log.warning("partitions_not_created", table=table, reason=result.skipped,
+                        months=[m.strftime("%Y-%m") for m in waiting[table]])
+        elif result.skipped is not None:
+            log.debug("partitions_not_created", table=table, reason=result.skipped)
 
 
 def run(
@@ -71,6 +111,7 @@ def run(
             chunks[-1].append(hour)
         else:
             chunks.append([hour])
+    _ensure_partitions(ctx, logical_time, todo)
     pruned = 0
     for chunk in chunks:
         with ctx.engine.begin() as conn:

@@ -445,14 +445,22 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """``alembic upgrade head`` on ``engine`` (what ``hostmeter db upgrade`` runs)."""
+def upgrade(engine: Engine, revision: str = "head", *, now: datetime | None = None) -> None:
+    """``alembic upgrade head`` on ``engine`` (what ``hostmeter db upgrade`` runs).
+
+    On PostgreSQL it then creates the monthly partitions of the UTC month of ``now`` (default:
+    the clock) and the months after it (:data:`metering.partitions.MONTHS_AHEAD`), as the
+    owner that migrations run as, in the same transaction.
+    """
     from alembic import command
     from alembic.util import CommandError
+
+    from metering.partitions import ensure_months, months_ahead
 
     try:
         with engine.begin() as conn:
             command.upgrade(alembic_config(connection=conn), revision)
+            ensure_months(conn, months_ahead(now or datetime.now(UTC)))
     except CommandError as exc:  # e.g. the database is at a revision this code does not know
         raise DatabaseError(
             f"cannot upgrade {redact_url(engine.url)} to {revision}: {one_line(str(exc))} "

@@ -11,6 +11,10 @@ Recorded usage (written by ingest, idempotently):
   bitwise OR, so counts stay exact, re-loading a post changes nothing, and there is no row per
   post or per (host, hour, metric).
 - ``service_hours``: the same per (tenant, hour) over all the tenant's services.
+
+On PostgreSQL ``host_hours``, ``service_hours`` and ``usage_snapshots`` are partitioned by UTC
+month, with a DEFAULT partition (migration 0010, :mod:`metering.partitions`); SQLite keeps
+plain tables.
 - ``plan_changes``, ``monitor_events``, ``role_events``, ``role_member_events``: state changes,
   keyed by their whole content so that loading them twice is a no-op.
 
@@ -88,6 +92,7 @@ host_hours = sa.Table(
     sa.Column("metric_bits", sa.LargeBinary, nullable=False),
     sa.CheckConstraint("kind IN ('standard', 'micro')", name="kind"),
     sa.Index("ix_host_hours_hour_tenant", "hour", "tenant_id"),
+    postgresql_partition_by="RANGE (hour)",  # by UTC month: metering.partitions
 )
 
 service_hours = sa.Table(
@@ -98,6 +103,7 @@ service_hours = sa.Table(
     sa.Column("metric_count", sa.Integer, nullable=False),
     sa.Column("metric_bits", sa.LargeBinary, nullable=False),
     sa.Index("ix_service_hours_hour", "hour"),
+    postgresql_partition_by="RANGE (hour)",
 )
 
 plan_changes = sa.Table(
@@ -153,6 +159,7 @@ usage_snapshots = sa.Table(
     sa.Column("standard_metric_limit", sa.Integer, nullable=False),
     sa.Column("micro_metric_limit", sa.Integer, nullable=False),
     sa.Index("ix_usage_snapshots_hour", "hour"),
+    postgresql_partition_by="RANGE (hour)",
 )
 
 usage_snapshot_roles = sa.Table(

@@ -16,6 +16,7 @@ import jobs.monitoring.store
 import jobs.runtime.ledger  # noqa: F401  (registers the run ledger on the metadata)
 import metering.models  # noqa: F401  (registers the usage tables on the metadata)
 from metering.db import create_engine, metadata
+from metering.partitions import include_name
 
 config = context.config
 target_metadata = metadata
@@ -38,6 +39,7 @@ def _configure(connection: object) -> None:
         render_as_batch=True,  # SQLite can only ALTER through table copies
         compare_type=True,
         render_item=_render_item,
+        include_name=include_name,  # monthly partitions are not tables of the models
     )
 
 
