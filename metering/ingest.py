@@ -84,7 +84,7 @@ KEEP_ERRORS = 20
 """Bad lines an :class:`IngestSummary` (or :class:`InvalidBatch`) keeps; all are counted."""
 CACHE_KEYS = 50_000
 """Tenant ids, host ids and name dictionaries kept in memory, each (a few MB at most)."""
-CACHE_NAMES = 200_000
+CACHE_NAMES = 400_000
 """Metric names kept in memory over all cached dictionaries."""
 DISTINCT_IN_MEMORY = 100_000
 """Distinct tenants, hosts or hours counted in a set before they go to a temporary table."""
@@ -92,9 +92,9 @@ BATCH_BYTES = 16 << 20
 """A batch is written when its lines reach this many bytes, even short of ``batch_size``."""
 NAMES_PER_WRITE = 5_000
 """New dictionary entries held before they are written."""
-COMBOS = 10_000
-"""Distinct (tenant, raw list of names) whose bitmap the fast path remembers (a few kB each:
-the list's bytes)."""
+COMBO_BYTES = 48 << 20
+"""Bytes of distinct (tenant, raw list of names) whose bitmap the fast path remembers (each
+costs its list's bytes and about 200 more: some 20,000 lists of a hundred names)."""
 FAST_KEYS = 200_000
 """Host-hours the fast path accumulates before it writes them (a few tens of MB): posts arrive
 minute by minute across the fleet, so holding an hour's keys writes each host-hour once."""
@@ -217,7 +217,7 @@ class _Writer:
         self.distinct = _DistinctKeys(conn)
         # The fast path of host posts (see :meth:`add_post`): checked values, and the posts
         # accumulated per (tenant id, host key, hour) until the next flush.
-        self.fast_tenants: dict[str, tuple[int, dict[str, int], set[str]]] = {}
+        self.fast_tenants: dict[str, tuple[int, set[str]]] = {}
         self.fast_hours: dict[str, datetime] = {}
         self.fast_acc: dict[tuple[int, str, datetime], list[Any]] = {}
         self.checked_hosts = 0
@@ -273,6 +273,8 @@ class _Writer:
         key = (tenant_id, namespace)
         names = self.ordinals.get(key)
         if names is None:
+            if self.cached_names > CACHE_NAMES or len(self.ordinals) > CACHE_KEYS:
+                self._evict_dictionaries()
             rows = self.conn.execute(
                 sa.select(m.metric_names.c.name, m.metric_names.c.ordinal).where(
                     m.metric_names.c.tenant_id == tenant_id,
@@ -313,30 +315,35 @@ class _Writer:
 
     # -- the fast path of host posts ------------------------------------------------------------
 
-    def _clear_caches(self) -> None:
+    def _evict_dictionaries(self) -> None:
+        """Drop the older half of the cached dictionaries (they are reloaded on demand, new
+        ordinals included). Dropping them all at once made an input whose tenants' names
+        outgrow the cache reload every dictionary again and again."""
         self.write_names()  # the entries numbered so far go with the dictionaries they extend
-        self.ordinals.clear()  # reloaded per tenant on demand, new ordinals included
-        self.cached_names = 0
-        self.fast_tenants.clear()
-        self.checked_hosts = 0
+        keep = CACHE_NAMES // 2
+        for key in list(self.ordinals):
+            if self.cached_names <= keep and len(self.ordinals) <= CACHE_KEYS // 2:
+                break
+            self.cached_names -= len(self.ordinals.pop(key))
 
-    def _fast_tenant(self, key: str) -> tuple[int, dict[str, int], set[str]] | None:
+    def _fast_tenant(self, key: str) -> tuple[int, set[str]] | None:
         if not checked_text("tenant", key):
             return None
-        if self.cached_names > CACHE_NAMES or len(self.ordinals) > CACHE_KEYS:
-            self._clear_caches()
+        if len(self.fast_tenants) > CACHE_KEYS:
+            self.fast_tenants.clear()
+            self.checked_hosts = 0
         self._tenant_ids({key})
-        tenant_id = self.tenant_ids[key]
-        state = self.fast_tenants[key] = (tenant_id, self._dictionary(tenant_id, "host"), set())
+        state = self.fast_tenants[key] = (self.tenant_ids[key], set())
         return state
 
-    def _fast_bits(self, tenant_id: int, names: dict[str, int], raw: bytes) -> int | None:
+    def _fast_bits(self, tenant_id: int, raw: bytes) -> int | None:
         """The bitmap of a post's raw ``metrics``: decoded, every name new to the tenant checked
         (``None``: the list or a name does not pass; the slow path says why) and numbered."""
         try:
             metrics = METRIC_LIST.decode(raw)
         except msgspec.MsgspecError:
             return None
+        names = self._dictionary(tenant_id, "host")
         try:
             return reduce(or_, map((1).__lshift__, map(names.__getitem__, metrics)), 0)
         except KeyError:  # names new to the tenant
@@ -355,8 +362,10 @@ class _Writer:
         tenants, hours, acc = self.fast_tenants, self.fast_hours, self.fast_acc
         version = SCHEMA_VERSION
         combos: dict[tuple[int, bytes], int] = {}
+        held_bytes = 0
 
         def add(post: HostPostWire) -> bool:
+            nonlocal held_bytes
             if post.v != version:
                 return False
             state = tenants.get(post.tenant)
@@ -364,7 +373,7 @@ class _Writer:
                 state = self._fast_tenant(post.tenant)
                 if state is None:
                     return False
-            tenant_id, names, hosts = state
+            tenant_id, hosts = state
             host = post.host
             if host not in hosts and not self._fast_host(hosts, host):
                 return False
@@ -379,11 +388,13 @@ class _Writer:
             raw = (tenant_id, bytes(post.metrics))
             bits = combos.get(raw)
             if bits is None:
-                bits = self._fast_bits(tenant_id, names, raw[1])
+                bits = self._fast_bits(tenant_id, raw[1])
                 if bits is None:
                     return False
-                if len(combos) >= COMBOS:
+                held_bytes += len(raw[1]) + 200
+                if held_bytes > COMBO_BYTES:
                     combos.clear()
+                    held_bytes = len(raw[1]) + 200
                 combos[raw] = bits
             key = (tenant_id, host, hour)
             held = acc.get(key)
@@ -401,7 +412,7 @@ class _Writer:
         if not checked_text("host", host):
             return False
         if self.checked_hosts > CACHE_KEYS:
-            for _, _, checked in self.fast_tenants.values():
+            for _, checked in self.fast_tenants.values():
                 checked.clear()
             self.checked_hosts = 0
         hosts.add(host)
@@ -436,8 +447,6 @@ class _Writer:
     def write(self, batch: list[Record]) -> None:
         if not batch:
             return
-        if self.cached_names > CACHE_NAMES or len(self.ordinals) > CACHE_KEYS:
-            self._clear_caches()
         tenant_keys = {r.tenant for r in batch}
         self._tenant_ids(tenant_keys)
         host_keys = {
@@ -791,7 +800,7 @@ def ingest_lines(
 
     Host posts take a fast path: decoded straight into their wire shape (msgspec, in C), each
     distinct value checked once, each distinct list of names (its raw bytes) decoded and turned
-    into its bitmap through the tenant's dictionary once (see :data:`COMBOS`), and accumulated
+    into its bitmap through the tenant's dictionary once (see :data:`COMBO_BYTES`), and accumulated
     per host-hour — up to ``hold_keys`` of them
     (default :data:`FAST_KEYS`) — before they are written. Other records are written every
     ``batch_size`` records.

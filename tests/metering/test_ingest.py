@@ -651,7 +651,7 @@ def _names_of(engine: Engine, tenant: str, host: str) -> set[str]:
     return {dictionary[i] for i in range(bits.bit_length()) if bits >> i & 1}
 
 
-@pytest.mark.parametrize("remembered", [10_000, 1])
+@pytest.mark.parametrize("remembered", [48 << 20, 1])
 def test_the_same_list_of_names_means_other_bits_in_another_tenant(
     engine: Engine, monkeypatch: pytest.MonkeyPatch, remembered: int
 ) -> None:
@@ -661,7 +661,7 @@ def test_the_same_list_of_names_means_other_bits_in_another_tenant(
     remembered bitmaps are dropped and computed again, to the same result."""
     from metering import ingest
 
-    monkeypatch.setattr(ingest, "COMBOS", remembered)
+    monkeypatch.setattr(ingest, "COMBO_BYTES", remembered)
 
     def line(tenant: str, host: str, minute: int, names: list[str]) -> str:
         return json.dumps({"type": "host_post", "tenant": tenant, "host": host,
@@ -681,3 +681,35 @@ def test_the_same_list_of_names_means_other_bits_in_another_tenant(
     assert _names_of(engine, "b", "h-2") == {"x", "y"}
     assert _names_of(engine, "a", "h-2") == {"x", "y"}
     assert _names_of(engine, "b", "h-3") == {"x", "y"}
+
+
+def test_dictionaries_are_not_reloaded_for_every_post_when_they_outgrow_the_cache(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 tenants of 5 names each, posting every minute, with room for 30 cached names: each
+    dictionary is read once, when a list of names is first seen (the bug: the whole cache was
+    dropped whenever it was full, and every tenant's dictionary read again minute after
+    minute — 41 s instead of 3 s for 60,000 posts of 500 tenants)."""
+    from metering import ingest
+
+    monkeypatch.setattr(ingest, "CACHE_NAMES", 30)
+    names = [f"m{i}" for i in range(5)]
+    lines = [
+        json.dumps({"type": "host_post", "tenant": f"t{t}", "host": "h", "kind": "standard",
+                    "at": f"2026-10-15T10:{minute:02d}:00Z", "metrics": names})
+        for minute in range(10) for t in range(20)
+    ]
+    ingest_lines(engine, lines)  # the dictionaries are made
+    reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FROM metric_names" in statement:
+            reads.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", count)
+    try:
+        summary = ingest_lines(engine, [line.replace("T10:", "T11:") for line in lines])
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+    assert summary.written_rows == 20
+    assert len(reads) == 20
