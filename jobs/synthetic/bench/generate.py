@@ -24,6 +24,8 @@ from jobs.synthetic.bench.tiers import (
 from metering import db
 from metering import models as m
 from metering.ingest import INGEST_LOCK_KEY
+from metering.partitions import ensure_months, months_between
+from metering.timeutil import HOUR
 
 __all__ = ["GenerateResult", "check_bench_database", "fill_month", "generate_fleet",
            "planned_counts", "table_counts"]
@@ -435,6 +437,8 @@ def generate_fleet(
                         conn.exec_driver_sql(f"ANALYZE {name}")
             update(4)
             t = time.perf_counter()
+            with conn.begin():  # PostgreSQL: the month's partitions, as the hourly job makes them
+                ensure_months(conn, months_between(start, start + hours * HOUR))
             for i, lo in enumerate(chunks):
                 with conn.begin():
                     conn.execute(sa.text(_HOST_HOURS_SQL), {"lo": lo, "hi": lo + day_chunk})
