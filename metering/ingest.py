@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import reduce
+from itertools import islice
 from operator import or_
 from typing import Any, BinaryIO
 
@@ -95,6 +96,8 @@ NAMES_PER_WRITE = 5_000
 COMBO_BYTES = 48 << 20
 """Bytes of distinct (tenant, raw list of names) whose bitmap the fast path remembers (each
 costs its list's bytes and about 200 more: some 20,000 lists of a hundred names)."""
+FLUSH_KEYS = 10_000
+"""Held host-hours written per statement group when the fast path flushes."""
 FAST_KEYS = 200_000
 """Host-hours the fast path accumulates before it writes them (a few tens of MB): posts arrive
 minute by minute across the fleet, so holding an hour's keys writes each host-hour once."""
@@ -429,18 +432,24 @@ class _Writer:
         return hour
 
     def flush_posts(self) -> None:
-        """Write the accumulated fast-path posts (one row per host-hour)."""
+        """Write the accumulated fast-path posts (one row per host-hour), :data:`FLUSH_KEYS`
+        host-hours at a time, so that the ids, rows and parameters of a write stay small
+        however many host-hours are held."""
         if not self.fast_acc:
             return
-        self._host_ids({(t, h) for t, h, _ in self.fast_acc})
-        host_acc: dict[tuple[int, datetime], list[Any]] = {}
-        for (t, h, hour), (standard, bits) in self.fast_acc.items():
-            host_acc[(self.host_ids[(t, h)], hour)] = [t, standard, bits]
+        items = iter(self.fast_acc.items())
+        while chunk := list(islice(items, FLUSH_KEYS)):
+            self._host_ids({(t, h) for (t, h, _), _ in chunk})
+            host_acc: dict[tuple[int, datetime], list[Any]] = {
+                (self.host_ids[(t, h)], hour): [t, standard, bits]
+                for (t, h, hour), (standard, bits) in chunk
+            }
+            del chunk
+            self.distinct.add(_TENANTS, {t for t, _, _ in host_acc.values()})
+            self.distinct.add(_HOSTS, {h for h, _ in host_acc})
+            self.distinct.add(_HOURS, {int(hour.timestamp()) // 3600 for _, hour in host_acc})
+            self._merge_host_hours(host_acc)
         self.fast_acc.clear()  # the same dict: post_adder's closure holds it
-        self.distinct.add(_TENANTS, {t for t, _, _ in host_acc.values()})
-        self.distinct.add(_HOSTS, {h for h, _ in host_acc})
-        self.distinct.add(_HOURS, {int(hour.timestamp()) // 3600 for _, hour in host_acc})
-        self._merge_host_hours(host_acc)
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -312,7 +312,7 @@ def _fleet(tenants: int, hosts: int) -> list[str]:
 def tiny_caches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Caches and in-memory distinct sets far smaller than a batch's keys, so that every
     eviction and spill path runs."""
-    for name in ("CACHE_KEYS", "CACHE_NAMES", "DISTINCT_IN_MEMORY"):
+    for name in ("CACHE_KEYS", "CACHE_NAMES", "DISTINCT_IN_MEMORY", "FLUSH_KEYS"):
         monkeypatch.setattr(ingest, name, 7, raising=False)
 
 
@@ -341,6 +341,7 @@ def test_counts_stay_exact_when_caches_overflow(engine: Engine, tiny_caches: Non
 
     reset(engine)
     ingest.CACHE_KEYS = ingest.CACHE_NAMES = ingest.DISTINCT_IN_MEMORY = 10**9
+    ingest.FLUSH_KEYS = 10**9
     ingest_lines(engine, lines)
     assert natural_dump(engine) == loaded  # the same rows as with unbounded caches
 
