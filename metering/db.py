@@ -361,7 +361,10 @@ def bulk_insert(conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, A
         return 0
     columns = list(rows[0])
     quote = conn.dialect.identifier_preparer.quote
-    procs = [table.c[c].type.bind_processor(conn.dialect) for c in columns]
+    # The dialect's own implementation of each type: on PostgreSQL, JSON binds through the
+    # driver's Json wrapper (the generic type has no processor there).
+    procs = [table.c[c].type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+             for c in columns]
     if any(procs):
         values: Iterable[tuple[Any, ...]] = (
             tuple(v if p is None or v is None else p(v)
