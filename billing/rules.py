@@ -39,10 +39,13 @@ def ceil_div(numerator: int, denominator: int) -> int:
     return -(-numerator // denominator)
 
 
-def _fraction_text(value: Fraction) -> str:
-    if value.denominator == 1:
-        return str(value.numerator)
-    return f"{value.numerator}/{value.denominator}"
+def _ratio_text(numerator: int, denominator: int) -> str:
+    """The exact fraction ``numerator / denominator`` (denominator > 0) in lowest terms, as
+    text: ``"85/31"``, or ``"2"`` when it is whole. The text of ``Fraction(n, d)``, through one
+    gcd (this runs for every line of every invoice)."""
+    g = math.gcd(numerator, denominator)
+    n, d = numerator // g, denominator // g
+    return str(n) if d == 1 else f"{n}/{d}"
 
 
 def to_decimal(amount: int, minor_units: int) -> Decimal:
@@ -129,7 +132,7 @@ def _basis(
     return {
         "hour_sum": hour_sum,
         "hours_in_month": sums.hours_in_month,
-        "average": _fraction_text(Fraction(hour_sum, sums.hours_in_month)),
+        "average": _ratio_text(hour_sum, sums.hours_in_month),
         "paid_hours": sums.paid_hours,
         "limit": limit,
         "catalog": catalog.version,
@@ -179,7 +182,7 @@ def rate(sums: MonthSums, catalog: Catalog) -> Rating:
         role_units = [(role, total, ceil_div(total, per_unit * n))
                       for role, total in sorted(sums.roles)]
         roles = [
-            {"role": role, "hour_sum": total, "average": _fraction_text(Fraction(total, n)),
+            {"role": role, "hour_sum": total, "average": _ratio_text(total, n),
              "units": units}
             for role, total, units in role_units
         ]

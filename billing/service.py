@@ -13,9 +13,15 @@
   needs none.
 - :func:`finalize_period` turns every current draft of the period final.
 
-Each tenant is written in its own savepoint: one tenant failing is recorded and the others go on;
-the run then ends ``partial`` and running it again finishes the rest without duplicating
-anything. ``dry_run`` does all the work inside a transaction that is rolled back, so it writes
+The work reads as load → compute → persist: the month's sums for every tenant come from two
+set-based statements, every tenant is rated in memory (:mod:`billing.rules`), and every invoice,
+line and adjustment is written in bulk (:func:`billing.repository.write_revisions`, a fixed
+number of statements whatever the number of tenants). One tenant failing — in its rating or in
+the database — is recorded and the others go on: a failed bulk write is retried in halves, each
+in its own savepoint, down to the single tenant that fails. The run then ends ``partial`` and
+running it again finishes the rest without duplicating anything.
+
+``dry_run`` does all the work inside a transaction that is rolled back, so it writes
 nothing at all — not even the rebuilt snapshots or the audit row.
 """
 
@@ -247,7 +253,7 @@ def _bill(
     tenant_ids = repo.resolve_tenants(conn, req.tenants) if req.tenants else None
     ids = list(tenant_ids.values()) if tenant_ids is not None else None
     sums = repo.month_sums(conn, start, end, n, ids)
-    existing = repo.load_invoices(conn, req.period, ids)
+    existing = repo.load_invoices(conn, req.period, ids, details=False)
     if tenant_ids is None:
         key_to_id = dict(conn.execute(sa.select(m.tenants.c.key, m.tenants.c.id)).all())
     else:
@@ -264,38 +270,86 @@ def _bill(
     for tenant, hosts in free:
         log.warning("free_tenant_over_limit", tenant=tenant, hosts=hosts,
                     limit=catalog.free_plan_hosts, period=req.period)
-    outcomes: list[TenantOutcome] = []
+
+    # Compute: every tenant rated and its write decided, in memory.
+    outcomes: dict[str, TenantOutcome] = {}
+    writes: list[repo.RevisionWrite] = []
     for tenant in candidates:
         month = sums.get(tenant) or MonthSums(tenant=tenant, hours_in_month=n, paid_hours=0)
         try:
-            with conn.begin_nested():
-                outcome = _bill_tenant(
-                    conn, req, catalog, month, existing.get(tenant, []),
-                    tenant_id=key_to_id[tenant], allow_revise=action == "rerun", rate_fn=rate_fn,
-                )
+            outcome, write = _plan_tenant(
+                req, catalog, month, existing.get(tenant, []), tenant_id=key_to_id[tenant],
+                allow_revise=action == "rerun", rate_fn=rate_fn,
+            )
         except ReasonRequired:
             raise
         except Exception as exc:
-            outcome = TenantOutcome(tenant=tenant, action="failed",
-                                    error=describe_error(exc, url=conn.engine.url))
-            log.error("tenant_failed", tenant=tenant, period=req.period, error=outcome.error)
-        outcomes.append(outcome)
+            outcome, write = _failed(conn, req, tenant, exc), None
+        outcomes[tenant] = outcome
+        if write is not None:
+            writes.append(write)
+
+    # Persist: all of it in bulk; a failing tenant is found and left out (_write_isolated).
+    for tenant, error in _write_isolated(conn, req, writes):
+        outcomes[tenant] = _failed(conn, req, tenant, error)
+
+    # One event per tenant whose invoice a customer has seen change (revised, adjusted,
+    # restored); the routine first revisions — one per paying tenant, thousands a month — are
+    # counted in one event.
+    written: dict[str, int] = {}
+    for outcome in outcomes.values():
         if outcome.action in ("created", "revised", "adjusted", "restored"):
-            log.info("invoice_written", tenant=tenant, period=req.period,
-                     revision=outcome.revision, action=outcome.action,
-                     total=outcome.new["total"] if outcome.new else None, dry_run=req.dry_run)
+            written[outcome.action] = written.get(outcome.action, 0) + 1
+            if outcome.action != "created":
+                log.info("invoice_written", tenant=outcome.tenant, period=req.period,
+                         revision=outcome.revision, action=outcome.action,
+                         total=outcome.new["total"] if outcome.new else None,
+                         dry_run=req.dry_run)
+    log.info("period_billed", period=req.period, dry_run=req.dry_run, **written)
 
     result = BillingOutcome(
         period=req.period, action=action, dry_run=req.dry_run, run_id=req.run_id,
         catalog=catalog.version, hours_in_month=n, rebuilt_hours=rebuilt,
-        tenants=tuple(outcomes), free_over_limit=free,
+        tenants=tuple(outcomes.values()), free_over_limit=free,
     )
     _audit(conn, req, catalog, result)
     return result
 
 
-def _bill_tenant(
-    conn: Connection,
+def _failed(conn: Connection, req: BillingRequest, tenant: str, exc: Exception) -> TenantOutcome:
+    outcome = TenantOutcome(tenant=tenant, action="failed",
+                            error=describe_error(exc, url=conn.engine.url))
+    log.error("tenant_failed", tenant=tenant, period=req.period, error=outcome.error)
+    return outcome
+
+
+def _write_isolated(
+    conn: Connection, req: BillingRequest, writes: list[repo.RevisionWrite]
+) -> list[tuple[str, Exception]]:
+    """Write every tenant's revision in one savepoint with a fixed number of statements; if
+    that fails, retry each half in its own savepoint, and so on down to single tenants. The
+    tenants that fail alone are returned with their error and leave nothing behind; the rest
+    are written. One failing tenant among *n* costs about 2·log₂ *n* savepoints, not *n*.
+
+    A lost connection is no tenant's fault: it is raised at once (the run fails and is
+    retried whole)."""
+    if not writes:
+        return []
+    try:
+        with conn.begin_nested():
+            repo.write_revisions(conn, writes, period=req.period, created_at=req.now,
+                                 created_by=req.actor, run_id=req.run_id)
+        return []
+    except Exception as exc:
+        if conn.invalidated or getattr(exc, "connection_invalidated", False):
+            raise
+        if len(writes) == 1:
+            return [(writes[0].tenant, exc)]
+    half = len(writes) // 2
+    return _write_isolated(conn, req, writes[:half]) + _write_isolated(conn, req, writes[half:])
+
+
+def _plan_tenant(
     req: BillingRequest,
     catalog: Catalog,
     month: MonthSums,
@@ -304,7 +358,8 @@ def _bill_tenant(
     tenant_id: int,
     allow_revise: bool,
     rate_fn: RateFn,
-) -> TenantOutcome:
+) -> tuple[TenantOutcome, repo.RevisionWrite | None]:
+    """Rate one tenant and decide what to write (nothing is written here)."""
     rating = rate_fn(month, catalog)
     live = [r for r in revisions if r.status != "void"]
     current = live[-1] if live else None
@@ -313,36 +368,34 @@ def _bill_tenant(
     next_revision = (revisions[-1].revision + 1) if revisions else 1
     new = _summary(rating)
 
-    def write(adjusts: repo.StoredInvoice | None, reason: str | None) -> None:
-        repo.insert_revision(
-            conn, tenant_id=tenant_id, period=req.period, revision=next_revision,
-            rating=rating, created_at=req.now, created_by=req.actor, run_id=req.run_id,
-            reason=reason, adjusts=adjusts,
-        )
+    def write(adjusts: repo.StoredInvoice | None, reason: str | None,
+              void: repo.StoredInvoice | None = None) -> repo.RevisionWrite:
+        return repo.RevisionWrite(tenant=month.tenant, tenant_id=tenant_id,
+                                  revision=next_revision, rating=rating, void=void,
+                                  adjusts=adjusts, reason=reason)
 
     if current is None:
-        write(last_final, req.reason)
-        return TenantOutcome(tenant=month.tenant, action="created", revision=next_revision,
-                             new=new)
+        return (TenantOutcome(tenant=month.tenant, action="created", revision=next_revision,
+                              new=new), write(last_final, req.reason))
     old = _summary(current)
     if current.content_hash == rating.content_hash:
         return TenantOutcome(tenant=month.tenant, action="unchanged", revision=current.revision,
-                             old=old, new=new)
+                             old=old, new=new), None
     if not allow_revise:
         return TenantOutcome(tenant=month.tenant, action="stale", revision=current.revision,
-                             old=old, new=new)
+                             old=old, new=new), None
     if current.status == "draft":
-        repo.void_invoice(conn, current, req.now)
         if last_final is not None and last_final.content_hash == rating.content_hash:
             # The data came back to what the final invoice says: no correction is needed.
-            return TenantOutcome(tenant=month.tenant, action="restored",
-                                 revision=last_final.revision, old=old, new=new)
-        write(last_final, req.reason)
-        return TenantOutcome(
+            return (TenantOutcome(tenant=month.tenant, action="restored",
+                                  revision=last_final.revision, old=old, new=new),
+                    repo.RevisionWrite(tenant=month.tenant, tenant_id=tenant_id,
+                                       revision=next_revision, void=current))
+        return (TenantOutcome(
             tenant=month.tenant, action="adjusted" if last_final else "revised",
             revision=next_revision, old=old, new=new,
             adjustment=(rating.total - last_final.total) if last_final else None,
-        )
+        ), write(last_final, req.reason, void=current))
     # current is final: never touched; a new draft revision carries the difference. A dry run
     # shows the adjustment it would write and needs no reason: it writes nothing.
     if not req.reason and not req.dry_run:
@@ -351,9 +404,9 @@ def _bill_tenant(
             f"{current.revision}) would be adjusted; give --reason",
             tenant=month.tenant, period=req.period,
         )
-    write(current, req.reason)
-    return TenantOutcome(tenant=month.tenant, action="adjusted", revision=next_revision,
-                         old=old, new=new, adjustment=rating.total - current.total)
+    return (TenantOutcome(tenant=month.tenant, action="adjusted", revision=next_revision,
+                          old=old, new=new, adjustment=rating.total - current.total),
+            write(current, req.reason))
 
 
 def _audit(conn: Connection, req: BillingRequest, catalog: Catalog,
