@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -71,23 +72,23 @@ def _on_intervals(table: sa.Table, keys: list[str], flag: str) -> sa.Subquery:
 
     An entity is on during hour ``[hs, he)`` when some interval has ``on_at < he`` and
     ``off_at`` NULL or ``> hs`` — the overlap rule.
+
+    ``off_at`` is a running minimum over the entity's events from the latest back (one window
+    pass over the table), not a subquery per event and hour. At the same instant the "off"
+    event sorts first, so it is inside the frame of an "on" at that instant: the "off" wins.
     """
-    e = table.alias("e_on")
-    f = table.alias("e_off")
-    off_at = (
-        sa.select(sa.func.min(f.c.at))
-        .where(
-            f.c.tenant_id == e.c.tenant_id,
-            *[f.c[k] == e.c[k] for k in keys],
-            f.c[flag].is_(False),
-            f.c.at >= e.c.at,
-        )
-        .scalar_subquery()
+    part = [table.c.tenant_id, *[table.c[k] for k in keys]]
+    off_at = sa.func.min(sa.case((table.c[flag].is_(False), table.c.at))).over(
+        partition_by=part,
+        order_by=[table.c.at.desc(), table.c[flag].asc()],
+        rows=(None, 0),
     )
+    events = sa.select(*part, table.c.at.label("on_at"), table.c[flag].label("on"),
+                       off_at.label("off_at")).subquery()
     return (
-        sa.select(e.c.tenant_id, *[e.c[k] for k in keys], e.c.at.label("on_at"),
-                  off_at.label("off_at"))
-        .where(e.c[flag].is_(True))
+        sa.select(events.c.tenant_id, *[events.c[k] for k in keys], events.c.on_at,
+                  events.c.off_at)
+        .where(events.c.on.is_(True))
         .subquery()
     )
 
@@ -112,6 +113,10 @@ def _lock(conn: Connection) -> None:
     # One snapshot writer at a time on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises).
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": SNAPSHOT_LOCK_KEY})
+        # Short statements over a day of rows: compiling them (JIT) costs more than it saves,
+        # and the per-(tenant, hour) aggregate should not spill to disk.
+        conn.execute(sa.text("SET LOCAL jit = off"))
+        conn.execute(sa.text("SET LOCAL work_mem = '64MB'"))
 
 
 def snapshot_hours(
@@ -133,14 +138,33 @@ def snapshot_hours(
         .data([(h, h + HOUR) for h in todo])
         .cte("hrs")
     )
-    hour_list = sa.select(hrs.c.hour).scalar_subquery()
     first, last = todo[0], todo[-1] + HOUR
 
+    def in_hours(col: sa.ColumnElement[datetime]) -> sa.ColumnElement[bool]:
+        """``col`` is one of the hours: a range when they are contiguous (the usual case, and
+        a plain index range scan), else also ``IN`` the list."""
+        within = sa.and_(col >= first, col < last)
+        if len(todo) == int((last - first) / HOUR):
+            return within
+        return sa.and_(within, col.in_(sa.select(hrs.c.hour).scalar_subquery()))
+
     us, ur = m.usage_snapshots, m.usage_snapshot_roles
-    conn.execute(sa.delete(us).where(us.c.hour >= first, us.c.hour < last,
-                                     us.c.hour.in_(hour_list)))
-    conn.execute(sa.delete(ur).where(ur.c.hour >= first, ur.c.hour < last,
-                                     ur.c.hour.in_(hour_list)))
+    conn.execute(sa.delete(us).where(in_hours(us.c.hour)))
+    conn.execute(sa.delete(ur).where(in_hours(ur.c.hour)))
+
+    # Every source contributes rows of (tenant_id, hour, plan, s, u, os, ou, hm, sm, x); one
+    # GROUP BY sums them into a row per (tenant, hour). This reads each source once and needs
+    # no key union and no joins between the sources.
+    names = ("s", "u", "os", "ou", "hm", "sm", "x")
+
+    def source(tenant_id: sa.ColumnElement[int], hour: sa.ColumnElement[datetime],
+               plan: sa.ColumnElement[str] | None = None,
+               **values: sa.ColumnElement[int] | int) -> list[sa.ColumnElement[Any]]:
+        """One source's columns in the common shape; quantities it does not have are 0."""
+        return [tenant_id.label("tenant_id"), hour.label("hour"),
+                (plan if plan is not None else sa.null().cast(sa.String(16))).label("plan"),
+                *[sa.literal(v).label(k) if isinstance(v := values.get(k, 0), int)
+                  else v.label(k) for k in names]]
 
     # Plan in effect at the start of each hour: plan intervals [at, next at) range-joined.
     pc = m.plan_changes
@@ -152,79 +176,43 @@ def snapshot_hours(
         .label("valid_to"),
     ).subquery("plan_iv")
     plans = (
-        sa.select(plan_iv.c.tenant_id, hrs.c.hour, plan_iv.c.plan)
+        sa.select(*source(plan_iv.c.tenant_id, hrs.c.hour, plan_iv.c.plan))
         .join(hrs, sa.and_(plan_iv.c.valid_from <= hrs.c.hour,
                            sa.or_(plan_iv.c.valid_to.is_(None), plan_iv.c.valid_to > hrs.c.hour)))
-        .cte("plans")
     )
 
     hh = m.host_hours
     std = hh.c.kind == "standard"
     micro = hh.c.kind == "micro"
-    in_hours = sa.and_(hh.c.hour >= first, hh.c.hour < last, hh.c.hour.in_(hour_list))
-    hosts = (
-        sa.select(
-            hh.c.tenant_id,
-            hh.c.hour,
-            sa.func.sum(sa.case((std, 1), else_=0)).label("s"),
-            sa.func.sum(sa.case((micro, 1), else_=0)).label("u"),
-            sa.func.sum(sa.case((std & (hh.c.metric_count > limits.standard),
-                                 hh.c.metric_count - limits.standard), else_=0)).label("os"),
-            sa.func.sum(sa.case((micro & (hh.c.metric_count > limits.micro),
-                                 hh.c.metric_count - limits.micro), else_=0)).label("ou"),
-            sa.func.sum(hh.c.metric_count).label("hm"),
-        )
-        .where(in_hours)
-        .group_by(hh.c.tenant_id, hh.c.hour)
-        .cte("hosts_agg")
-    )
+    # Host-hours, the bulk of the rows, are summed per (hour, tenant) first: in the order of
+    # their (hour, tenant_id) index, so SQLite groups them as it scans instead of sorting every
+    # host-hour; the outer GROUP BY then sees one row per tenant-hour from them.
+    hosts = sa.select(*source(
+        hh.c.tenant_id, hh.c.hour,
+        s=sa.func.sum(sa.case((std, 1), else_=0)),
+        u=sa.func.sum(sa.case((micro, 1), else_=0)),
+        os=sa.func.sum(sa.case((std & (hh.c.metric_count > limits.standard),
+                                hh.c.metric_count - limits.standard), else_=0)),
+        ou=sa.func.sum(sa.case((micro & (hh.c.metric_count > limits.micro),
+                                hh.c.metric_count - limits.micro), else_=0)),
+        hm=sa.func.sum(hh.c.metric_count),
+    )).where(in_hours(hh.c.hour)).group_by(hh.c.hour, hh.c.tenant_id)
 
     sh = m.service_hours
-    services = (
-        sa.select(sh.c.tenant_id, sh.c.hour, sh.c.metric_count.label("sm"))
-        .where(sh.c.hour >= first, sh.c.hour < last, sh.c.hour.in_(hour_list))
-        .cte("services")
-    )
+    services = sa.select(*source(sh.c.tenant_id, sh.c.hour, sm=sh.c.metric_count)).where(
+        in_hours(sh.c.hour))
 
     live = _overlapping(_on_intervals(m.monitor_events, ["monitor"], "present"), hrs, ["monitor"])
-    monitors = (
-        sa.select(live.c.tenant_id, live.c.hour, sa.func.count().label("x"))
-        .group_by(live.c.tenant_id, live.c.hour)
-        .cte("monitors")
-    )
+    monitors = sa.select(*source(live.c.tenant_id, live.c.hour, x=sa.func.count())).group_by(
+        live.c.tenant_id, live.c.hour)
 
-    keys = sa.union(
-        sa.select(plans.c.tenant_id, plans.c.hour),
-        sa.select(hosts.c.tenant_id, hosts.c.hour),
-        sa.select(services.c.tenant_id, services.c.hour),
-        sa.select(monitors.c.tenant_id, monitors.c.hour),
-    ).subquery("keys")
-
-    def on_key(t: sa.CTE) -> sa.ColumnElement[bool]:
-        return sa.and_(t.c.tenant_id == keys.c.tenant_id, t.c.hour == keys.c.hour)
-
-    z = sa.literal(0)
-    rows = (
-        sa.select(
-            keys.c.tenant_id,
-            keys.c.hour,
-            plans.c.plan,
-            sa.func.coalesce(hosts.c.s, z),
-            sa.func.coalesce(hosts.c.u, z),
-            sa.func.coalesce(hosts.c.os, z),
-            sa.func.coalesce(hosts.c.ou, z),
-            sa.func.coalesce(hosts.c.hm, z),
-            sa.func.coalesce(services.c.sm, z),
-            sa.func.coalesce(monitors.c.x, z),
-            sa.literal(limits.standard),
-            sa.literal(limits.micro),
-        )
-        .select_from(keys)
-        .outerjoin(plans, on_key(plans))
-        .outerjoin(hosts, on_key(hosts))
-        .outerjoin(services, on_key(services))
-        .outerjoin(monitors, on_key(monitors))
-    )
+    src = sa.union_all(plans, hosts, services, monitors).subquery("src")
+    rows = sa.select(
+        src.c.tenant_id, src.c.hour, sa.func.max(src.c.plan),
+        *[sa.func.sum(src.c[k]) for k in names],
+        sa.literal(limits.standard).label("standard_metric_limit"),
+        sa.literal(limits.micro).label("micro_metric_limit"),
+    ).group_by(src.c.tenant_id, src.c.hour).order_by(src.c.tenant_id, src.c.hour)
     conn.execute(
         sa.insert(us).from_select(
             ["tenant_id", "hour", "plan", "standard_hosts", "micro_hosts", "standard_overage",
@@ -240,24 +228,25 @@ def snapshot_hours(
         _on_intervals(m.role_member_events, ["role", "host_id"], "member"), hrs,
         ["role", "host_id"],
     )
-    active_members = (
-        sa.select(members.c.tenant_id, members.c.role, members.c.hour, members.c.host_id)
+    active = (
+        sa.select(members.c.tenant_id, members.c.role, members.c.hour,
+                  sa.func.count().label("hosts"))
         .join(hh, sa.and_(hh.c.host_id == members.c.host_id, hh.c.hour == members.c.hour, std))
-        .subquery("active_members")
+        .group_by(members.c.tenant_id, members.c.role, members.c.hour)
+        .subquery("active")
     )
     conn.execute(
         sa.insert(ur).from_select(
             ["tenant_id", "hour", "role", "hosts"],
             sa.select(roles.c.tenant_id, roles.c.hour, roles.c.role,
-                      sa.func.count(active_members.c.host_id))
+                      sa.func.coalesce(active.c.hosts, 0))
             .select_from(roles)
             .outerjoin(
-                active_members,
-                sa.and_(active_members.c.tenant_id == roles.c.tenant_id,
-                        active_members.c.role == roles.c.role,
-                        active_members.c.hour == roles.c.hour),
-            )
-            .group_by(roles.c.tenant_id, roles.c.hour, roles.c.role),
+                active,
+                sa.and_(active.c.tenant_id == roles.c.tenant_id,
+                        active.c.role == roles.c.role,
+                        active.c.hour == roles.c.hour),
+            ),
         )
     )
 
@@ -267,14 +256,14 @@ def snapshot_hours(
         for r in conn.execute(
             sa.select(us.c.hour, sa.func.count(), sa.func.sum(us.c.standard_hosts),
                       sa.func.sum(us.c.micro_hosts), sa.func.sum(us.c.host_metrics))
-            .where(us.c.hour >= first, us.c.hour < last, us.c.hour.in_(hour_list))
+            .where(in_hours(us.c.hour))
             .group_by(us.c.hour)
         )
     }
     role_rows: dict[datetime, int] = dict(
         conn.execute(
             sa.select(ur.c.hour, sa.func.count())
-            .where(ur.c.hour >= first, ur.c.hour < last, ur.c.hour.in_(hour_list))
+            .where(in_hours(ur.c.hour))
             .group_by(ur.c.hour)
         ).all()
     )
