@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from jobs.cli import cli
 from jobs.synthetic.bench import tiers as bench
 from jobs.synthetic.bench.generate import planned_counts
 from jobs.synthetic.bench.report import run_bench
-from jobs.synthetic.bench.tiers import BenchRefused, BenchTier
+from jobs.synthetic.bench.tiers import BenchRefused, BenchTier, no_progress
 from metering import db
 from metering import models as m
 from metering.ingest import UsageRecorder
@@ -32,17 +30,6 @@ TINY = BenchTier(
     ingest_tenants=2, ingest_hosts_per_tenant=3, ingest_hours=2, ingest_posts_per_host_hour=5,
     metrics_per_post=20, posts_per_call=7, single_posts=4,
 )
-
-
-def _no_progress(_description: str, _total: int | None) -> AbstractContextManager[object]:
-    return nullcontext(lambda _done, _total=None: None)
-
-
-@pytest.fixture
-def bench_engine(db_url: str) -> Iterator[sa.Engine]:
-    engine = db.create_engine(db_url)
-    yield engine
-    engine.dispose()
 
 
 def _figures(doc: dict[str, Any]) -> None:
@@ -57,7 +44,7 @@ def _figures(doc: dict[str, Any]) -> None:
 
 
 def test_bench_measures_checks_and_counts_what_it_generated(bench_engine: sa.Engine) -> None:
-    report = run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    report = run_bench(bench_engine, Settings(), TINY, progress_factory=no_progress)
     doc = json.loads(json.dumps(report.as_dict()))
     assert doc["ok"] is True
     assert doc["backend"] == bench_engine.dialect.name
@@ -98,7 +85,7 @@ def test_bench_measures_checks_and_counts_what_it_generated(bench_engine: sa.Eng
 
 
 def test_generated_fleet_has_the_documented_shape(bench_engine: sa.Engine) -> None:
-    run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    run_bench(bench_engine, Settings(), TINY, progress_factory=no_progress)
     hh, us = m.host_hours, m.usage_snapshots
     bench_hosts = hh.c.host_id.in_(
         sa.select(m.hosts.c.id).where(m.hosts.c.key.like("bench-h-%")))
@@ -123,8 +110,8 @@ def test_generated_fleet_has_the_documented_shape(bench_engine: sa.Engine) -> No
 
 
 def test_bench_reruns_over_its_own_data(bench_engine: sa.Engine) -> None:
-    first = run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
-    again = run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    first = run_bench(bench_engine, Settings(), TINY, progress_factory=no_progress)
+    again = run_bench(bench_engine, Settings(), TINY, progress_factory=no_progress)
     assert first.ok and again.ok
     assert again.database_counts == first.database_counts
     assert again.generated.counts == first.generated.counts
@@ -153,22 +140,22 @@ def test_bench_refuses_a_database_with_real_tenants(bench_engine: sa.Engine) -> 
     _seed_real_tenant(bench_engine)
     refused = r"1 tenant\(s\) that are not bench data \(e\.g\. 'acme'\)"
     with pytest.raises(BenchRefused, match=refused):
-        run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+        run_bench(bench_engine, Settings(), TINY, progress_factory=no_progress)
     assert _tenant_keys(bench_engine) == ["acme"]
     with bench_engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(m.host_hours)).scalar() == 1
 
 
 def test_bench_refuses_real_tenants_next_to_bench_data(bench_engine: sa.Engine) -> None:
-    run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    run_bench(bench_engine, Settings(), TINY, progress_factory=no_progress)
     _seed_real_tenant(bench_engine)
     with pytest.raises(BenchRefused):
-        run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+        run_bench(bench_engine, Settings(), TINY, progress_factory=no_progress)
     assert "acme" in _tenant_keys(bench_engine)
 
 
 def test_bench_refuses_to_orphan_other_data_of_bench_tenants(bench_engine: sa.Engine) -> None:
-    run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+    run_bench(bench_engine, Settings(), TINY, progress_factory=no_progress)
     invoices = sa.Table("invoices", sa.MetaData(), autoload_with=bench_engine)
     with bench_engine.begin() as conn:
         tenant = conn.execute(
@@ -179,7 +166,7 @@ def test_bench_refuses_to_orphan_other_data_of_bench_tenants(bench_engine: sa.En
             minor_units=0, content_hash="x", created_at=datetime(2026, 11, 1, tzinfo=UTC),
             created_by="test", run_id="x"))
     with pytest.raises(BenchRefused, match="final or void invoices still refer to bench tenants"):
-        run_bench(bench_engine, Settings(), TINY, progress_factory=_no_progress)
+        run_bench(bench_engine, Settings(), TINY, progress_factory=no_progress)
     with bench_engine.connect() as conn:  # nothing was deleted
         assert conn.execute(sa.select(sa.func.count()).select_from(m.hosts)).scalar() == 126
         if bench_engine.dialect.name == "sqlite":

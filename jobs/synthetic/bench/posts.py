@@ -137,7 +137,7 @@ class PostsTiming:
         f = self.file
 
         def ratio(run: IngestRun) -> float | None:
-            return round(self.floor_s / run.seconds, 2) if run.seconds else None
+            return round(self.floor_s / run.seconds, 3) if run.seconds else None
 
         return {
             "lines": f.lines, "observations": f.observations, "mib": round(f.bytes / 2**20, 1),
