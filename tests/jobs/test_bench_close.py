@@ -3,9 +3,6 @@ month on every backend: the floors print their SQL, and the checks fail on a tam
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import sqlalchemy as sa
 
 from billing import models as bm
@@ -13,7 +10,6 @@ from jobs.synthetic.bench.checks import invoice_totals_check, invoices_check
 from jobs.synthetic.bench.generate import generate_fleet
 from jobs.synthetic.bench.measure import time_close, time_snapshots
 from jobs.synthetic.bench.tiers import BenchTier
-from metering import db
 from metering.settings import Settings
 from metering.timeutil import hours_between, month_bounds
 
@@ -24,14 +20,8 @@ MONTH = BenchTier(
 )
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
-    eng = db.create_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-def test_snapshot_and_close_beside_their_floors_and_checked(engine: sa.Engine) -> None:
+def test_snapshot_and_close_beside_their_floors_and_checked(bench_engine: sa.Engine) -> None:
+    engine = bench_engine
     settings = Settings()
     start, end = month_bounds(PERIOD, settings.zone)
     hours = list(hours_between(start, end))
