@@ -135,3 +135,22 @@ def test_large_tier_is_refused_on_sqlite_before_anything_is_written(tmp_path: Pa
     assert result.exit_code == 2
     assert "the large tier runs on PostgreSQL" in result.stderr
     assert not (tmp_path / "never.db").exists()
+
+
+def test_a_child_peak_is_its_own_not_the_bench_process(tmp_path: Path) -> None:
+    """The bench holds 300 MiB; the child it measures touches 64 MiB: the figure is the
+    child's (the bug: Linux counts the starting process's peak into a child's, so every
+    ingest of a large bench looked as big as the bench)."""
+    import subprocess
+    import sys
+
+    from jobs.synthetic.bench.memory import MEASURED_CHILD
+
+    ballast = bytearray(300 << 20)
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    child = "b = bytearray(64 << 20); b[::4096] = b'y' * len(b[::4096])"
+    done = subprocess.run([sys.executable, "-c", MEASURED_CHILD, sys.executable, "-c", child],
+                          capture_output=True, text=True, check=True)
+    kib = int(done.stderr.strip().splitlines()[-1].split()[1])
+    assert 64 * 1024 < kib < 200 * 1024, kib
+    del ballast

@@ -2,8 +2,11 @@
 
 In this process: Linux keeps the peak (``VmHWM`` in ``/proc/self/status``) and resets it when
 ``5`` is written to ``/proc/self/clear_refs``, so :class:`PeakRSS` reads the peak of exactly
-the step it wraps. A child process (``hostmeter ingest``): its own peak, from ``wait4``'s
-resource usage. Elsewhere (no ``/proc``) the figures are ``None``, never guessed.
+the step it wraps, and the resident size it started from (what earlier steps left, such as the
+generator's SQLite page cache). A child process (``hostmeter ingest``): its own peak, from
+``wait4``'s resource usage, read by a small Python process that starts it — Linux counts into a
+child's peak the peak of the process it was started from, so a child of the bench itself would
+report the bench's. Elsewhere (no ``/proc``) the figures are ``None``, never guessed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,17 @@ import re
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["PeakRSS", "current_peak_mib", "reset_peak"]
+__all__ = ["MEASURED_CHILD", "PeakRSS", "current_peak_mib", "current_rss_mib", "reset_peak"]
+
+MEASURED_CHILD = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "sys.stderr.write(f'\\nhostmeter-bench-peak-rss-kib {usage.ru_maxrss}\\n')\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+"""``python -c MEASURED_CHILD ARGV…`` runs ARGV and writes its own peak resident size (KiB) as
+the last line of standard error."""
 
 _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
@@ -27,24 +40,36 @@ def reset_peak() -> bool:
     return True
 
 
-def current_peak_mib() -> float | None:
-    """This process's peak resident size since the last :func:`reset_peak`, in MiB."""
+def _status(field: str) -> float | None:
     try:
-        found = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
+        found = re.search(rf"{field}:\s+(\d+) kB", _STATUS.read_text())
     except OSError:
         return None
     return round(int(found.group(1)) / 1024, 1) if found else None
 
 
+def current_peak_mib() -> float | None:
+    """This process's peak resident size since the last :func:`reset_peak`, in MiB."""
+    return _status("VmHWM")
+
+
+def current_rss_mib() -> float | None:
+    """This process's resident size now, in MiB."""
+    return _status("VmRSS")
+
+
 class PeakRSS:
-    """``with PeakRSS() as peak: …`` then ``peak.mib``: the peak resident size of the block."""
+    """``with PeakRSS() as peak: …`` then ``peak.mib``: the peak resident size of the block;
+    ``peak.start_mib``: the resident size it started from."""
 
     def __init__(self) -> None:
         self.mib: float | None = None
+        self.start_mib: float | None = None
         self._reset = False
 
     def __enter__(self) -> PeakRSS:
         self._reset = reset_peak()
+        self.start_mib = current_rss_mib() if self._reset else None
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,

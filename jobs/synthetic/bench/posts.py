@@ -166,28 +166,25 @@ class PostsTiming:
 
 def _ingest(path: Path, database_url: str) -> IngestRun:
     """``hostmeter ingest FILE --format json`` in a new process: its wall time, its summary and
-    its own peak resident size (``wait4``)."""
+    its own peak resident size (:data:`~jobs.synthetic.bench.memory.MEASURED_CHILD`)."""
+    from jobs.synthetic.bench.memory import MEASURED_CHILD
+
     script = Path(sys.executable).with_name("hostmeter")
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
     env = {**os.environ, "HOSTMETER_DATABASE_URL": database_url}
     started = time.perf_counter()
-    proc = subprocess.Popen([*argv, "ingest", str(path), "--format", "json"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    with ThreadPoolExecutor(2) as pool:  # drain both pipes while it runs
-        out_f = pool.submit(proc.stdout.read)
-        err_f = pool.submit(proc.stderr.read)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - started
-        out, err = out_f.result(), err_f.result()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    proc.stdout.close()
-    proc.stderr.close()
-    if proc.returncode != 0:
-        last = err.decode("utf-8", "replace").strip().splitlines()[-1:]
-        raise JobError(f"hostmeter ingest {path.name} failed: {last}")
-    return IngestRun(seconds=seconds, peak_rss_mib=round(usage.ru_maxrss / 1024, 1),
-                     summary=json.loads(out))
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURED_CHILD, *argv, "ingest", str(path), "--format", "json"],
+        env=env, capture_output=True, check=False,
+    )
+    seconds = time.perf_counter() - started
+    err = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    peak = None
+    if err and err[-1].startswith("hostmeter-bench-peak-rss-kib "):
+        peak = round(int(err.pop().split()[1]) / 1024, 1)
+    if done.returncode != 0:
+        raise JobError(f"hostmeter ingest {path.name} failed: {err[-1:]}")
+    return IngestRun(seconds=seconds, peak_rss_mib=peak, summary=json.loads(done.stdout))
 
 
 def time_ingest_file(first: PostsFile, second: PostsFile, database_url: str) -> PostsTiming:

@@ -73,6 +73,7 @@ class BenchReport:
     parallel_note: str | None = None
     fill_s: float | None = None
     peak_rss_mib: dict[str, float | None] = field(default_factory=dict)
+    start_rss_mib: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -107,7 +108,10 @@ class BenchReport:
             "snapshot": self.snapshot.as_dict(),
             "month_filled_s": round(self.fill_s, 3) if self.fill_s is not None else None,
             "peak_rss_mib": {**self.peak_rss_mib,
-                             "ingest_file": self.posts.ingest.peak_rss_mib if self.posts else None},
+                             "ingest_file": self.posts.ingest.peak_rss_mib if self.posts else None,
+                             "ingest_file_first_hour": (self.posts.cold.peak_rss_mib
+                                                        if self.posts else None)},
+            "rss_at_step_start_mib": self.start_rss_mib,
             "close": self.close.as_dict() if self.close else None,
             "counts": self.database_counts,
             "checks": {c.name: {"ok": c.ok, **c.details} for c in self.checks},
@@ -172,18 +176,24 @@ def run_bench(
     db.ensure_schema(engine)
 
     rss: dict[str, float | None] = {}
+    rss_start: dict[str, float | None] = {}
+
+    def measured(step: str, peak: PeakRSS) -> None:
+        rss[step], rss_start[step] = peak.mib, peak.start_mib
+
     with PeakRSS() as peak:
         generated = generate_fleet(engine, tier, start, len(hour_list),
                                    progress_factory=progress_factory)
-    rss["generate"] = peak.mib
+    measured("generate", peak)
+    engine.dispose()  # the generator's connections (SQLite: a page cache of up to 1 GiB) go
     with PeakRSS() as peak:
         ingest, single = time_ingest(engine, tier, start, len(hour_list),
                                      progress_factory=progress_factory)
-    rss["ingest_api"] = peak.mib
+    measured("ingest_api", peak)
     posts, parallel, parallel_note = _time_files(engine, tier, start, progress_factory)
     with PeakRSS() as peak:
         snapshot = time_snapshots(engine, settings, hour_list, progress_factory=progress_factory)
-    rss["snapshot"] = peak.mib
+    measured("snapshot", peak)
     checks = run_checks(engine, start, end, len(hour_list), snapshot.run_id, generated)
     fill_s = None
     if tier.fill_month and end < month_end:
@@ -195,7 +205,7 @@ def run_bench(
     if end == month_end:  # a whole month was snapshotted: close it (a partial tier cannot)
         with PeakRSS() as peak:
             close = time_close(engine, settings, period)
-        rss["close"] = peak.mib
+        measured("close", peak)
         checks.append(invoices_check(engine, period, start, end, close))
     with engine.connect() as conn:
         counts = table_counts(conn)
@@ -215,7 +225,7 @@ def run_bench(
         server_version=_server_version(engine), start=start, end=end, generated=generated,
         ingest=ingest, ingest_single=single, snapshot=snapshot, close=close, checks=checks,
         database_counts=counts, startup=startup, posts=posts, parallel=parallel,
-        parallel_note=parallel_note, fill_s=fill_s, peak_rss_mib=rss,
+        parallel_note=parallel_note, fill_s=fill_s, peak_rss_mib=rss, start_rss_mib=rss_start,
     )
     structlog.get_logger("hostmeter.bench").info(
         "bench_finished", tier=tier.name, backend=report.backend, ok=report.ok,
