@@ -30,7 +30,7 @@ from jobs.synthetic.bench.measure import (
     time_ingest,
     time_snapshots,
 )
-from jobs.synthetic.bench.memory import PeakRSS
+from jobs.synthetic.bench.memory import PeakRSS, release_freed
 from jobs.synthetic.bench.posts import (
     ParallelTiming,
     PostsTiming,
@@ -186,6 +186,7 @@ def run_bench(
                                    progress_factory=progress_factory)
     measured("generate", peak)
     engine.dispose()  # the generator's connections (SQLite: a page cache of up to 1 GiB) go
+    release_freed()
     with PeakRSS() as peak:
         ingest, single = time_ingest(engine, tier, start, len(hour_list),
                                      progress_factory=progress_factory)
