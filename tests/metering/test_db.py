@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -234,3 +235,23 @@ def test_insert_ignore_and_upsert_count_the_rows_they_change(engine: sa.Engine) 
         assert db.upsert(conn, m.plan_changes, rows, **kw) == 1
         assert db.upsert(conn, m.plan_changes, rows, **kw) == 0
         assert db.upsert(conn, m.plan_changes, [{**rows[0], "plan": "standard"}], **kw) == 1
+
+
+def test_the_head_revision_constant_is_alembics_head() -> None:
+    """ensure_schema trusts HEAD_REVISION to skip Alembic on an up-to-date database: a new
+    migration without it would let every command run on a schema one step behind."""
+    assert db.head_revision() == db.HEAD_REVISION
+
+
+def test_an_up_to_date_database_is_checked_without_alembic(db_url: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from metering import db\n"
+        f"db.ensure_schema(db.create_engine({db_url!r}))\n"
+        "print(any(m == 'alembic' or m.startswith('alembic.') for m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "False"
