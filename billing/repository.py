@@ -376,24 +376,7 @@ def void_invoices(conn: Connection, invoices: Sequence[StoredInvoice], at: datet
 
 def void_invoice(conn: Connection, invoice: StoredInvoice, at: datetime) -> None:
     """draft → void. Refuses anything but a draft (final invoices are immutable)."""
-    if invoice.status != "draft":
-        raise InvoiceImmutable(
-            f"invoice {invoice.tenant} {invoice.period} revision {invoice.revision} is "
-            f"{invoice.status}; only a draft can be voided",
-            tenant=invoice.tenant, period=invoice.period, revision=invoice.revision,
-        )
-    inv = b.invoices
-    done = conn.execute(
-        sa.update(inv)
-        .where(inv.c.id == invoice.id, inv.c.status == "draft")
-        .values(status="void", voided_at=at)
-    ).rowcount
-    if done != 1:
-        raise InvoiceImmutable(
-            f"invoice {invoice.tenant} {invoice.period} revision {invoice.revision} changed "
-            "under us (no longer a draft)",
-            tenant=invoice.tenant, period=invoice.period,
-        )
+    void_invoices(conn, [invoice], at)
 
 
 def finalize_drafts(
