@@ -734,22 +734,8 @@ class UsageRecorder:
         """Record validated records in one transaction; returns what was touched."""
         if self.engine.dialect.name == "postgresql":
             records = list(records)  # kept, to run again if a deadlock aborts the first run
-        exclusive = False
-        for attempt in range(DEADLOCK_RETRIES + 1):
-            summary = IngestSummary()
-            writer: _Writer | None = None
-            try:
-                with self.engine.begin() as conn:
-                    writer = _Writer(conn, summary, exclusive=exclusive)
-                    writer.write(_write_full_batches(writer, ((r, 0) for r in records),
-                                                     self.batch_size))
-                    writer.finish()
-                return summary
-            except sa.exc.DBAPIError as exc:
-                if not _deadlocked(exc) or attempt == DEADLOCK_RETRIES:
-                    raise
-                exclusive = writer is not None and writer.locks.exclusive
-        raise AssertionError("unreachable")
+        return _run(self.engine, lambda writer, _attempt: writer.write(
+            _write_full_batches(writer, ((r, 0) for r in records), self.batch_size)))
 
     def post_host_metrics(
         self, *, tenant: str, host: str, kind: str, at: datetime, metrics: Iterable[str]
@@ -831,63 +817,71 @@ def ingest_lines(
             reported = exc.line or 0
             on_error(exc)
 
-    exclusive = False
+    hold = FAST_KEYS if hold_keys is None else hold_keys
+
+    def read(writer: _Writer, attempt: int) -> None:
+        source = reopen() if attempt and reopen is not None else lines
+        _read_into(writer, source, skip_invalid=skip_invalid, batch_size=batch_size, hold=hold,
+                   on_progress=on_progress, on_error=report_once)
+
     try:
-        for attempt in range(DEADLOCK_RETRIES + 1):
-            if attempt and reopen is not None:
-                lines = reopen()
-            locks: list[_TenantLocks] = []
-            try:
-                return _ingest_once(
-                    engine, lines, skip_invalid=skip_invalid, batch_size=batch_size,
-                    hold_keys=hold_keys, on_progress=on_progress, on_error=report_once,
-                    exclusive=exclusive, locks=locks,
-                )
-            except sa.exc.DBAPIError as exc:
-                if not _deadlocked(exc) or attempt == DEADLOCK_RETRIES:
-                    raise
-                exclusive = bool(locks) and locks[0].exclusive
-        raise AssertionError("unreachable")
+        return _run(engine, read)
     finally:
         if replay is not None:
             replay.close()
 
 
-def _ingest_once(
-    engine: Engine,
+def _run(engine: Engine, work: Callable[[_Writer, int], None]) -> IngestSummary:
+    """``work(writer, attempt)`` in one transaction, then the writer's last writes. On
+    PostgreSQL a run that a deadlock aborts is run again (up to :data:`DEADLOCK_RETRIES`
+    times), holding the ingest lock exclusively from the start if the aborted run had to."""
+    exclusive = False
+    for attempt in range(DEADLOCK_RETRIES + 1):
+        summary = IngestSummary()
+        writer: _Writer | None = None
+        try:
+            with engine.begin() as conn:
+                writer = _Writer(conn, summary, exclusive=exclusive)
+                work(writer, attempt)
+                writer.finish()
+            return summary
+        except sa.exc.DBAPIError as exc:
+            if not _deadlocked(exc) or attempt == DEADLOCK_RETRIES:
+                raise
+            exclusive = writer is not None and writer.locks.exclusive
+    raise AssertionError("unreachable")
+
+
+def _read_into(
+    writer: _Writer,
     lines: Iterable[str | bytes],
     *,
     skip_invalid: bool,
     batch_size: int,
-    hold_keys: int | None,
+    hold: int,
     on_progress: Callable[[int], None] | None,
     on_error: Callable[[InvalidRecord], None],
-    exclusive: bool,
-    locks: list[_TenantLocks],
-) -> IngestSummary:
-    """One run of :func:`ingest_lines` in one transaction (``locks`` gets its locks, so that a
-    run after a deadlock knows whether it needed the ingest lock exclusively)."""
-    summary = IngestSummary()
+) -> None:
+    """Parse ``lines`` into ``writer`` (one run of :func:`ingest_lines`): host posts the short
+    way, held per host-hour up to ``hold`` of them; every other record the full way, written
+    in batches. Raises :class:`InvalidBatch` when a line is bad and ``skip_invalid`` is off."""
+    summary = writer.summary
     valid = 0
-    hold = FAST_KEYS if hold_keys is None else hold_keys
     decode = msgspec.json.Decoder(HostPostWire).decode
     DecodeError = msgspec.DecodeError
+    add_post = writer.post_adder()
+    held = writer.fast_acc
 
-    with engine.begin() as conn:
-        writer = _Writer(conn, summary, exclusive=exclusive)
-        locks.append(writer.locks)
-        add_post = writer.post_adder()
-        held = writer.fast_acc
-        batch: list[Record] = []
-        size = 0
+    def other_records() -> Iterator[tuple[Record, int]]:
+        nonlocal valid
         for lineno, text in enumerate(lines, start=1):
             if on_progress is not None:
                 on_progress(lineno)
             if lineno == 1:
                 text = _without_bom(text)
-            # The fast path: a host post that decodes to its wire shape and whose values pass
-            # (nearly every line). Anything else takes the slow path, which accepts it or says
-            # exactly what is wrong with it.
+            # The short way: a host post that decodes to its wire shape and whose values pass
+            # (nearly every line). Anything else takes the full parser, which accepts it or
+            # says exactly what is wrong with it.
             if (not summary.rejected or skip_invalid) and len(text) <= MAX_LINE_BYTES:
                 try:
                     post = decode(text)
@@ -912,21 +906,16 @@ def _ingest_once(
             valid += 1
             if summary.rejected and not skip_invalid:
                 continue  # keep validating, stop writing: the transaction will roll back
-            summary.records += 1
-            batch.append(rec)
-            size += len(text)
-            if len(batch) >= batch_size or size >= BATCH_BYTES:
-                writer.write(batch)
-                batch, size = [], 0
-        if summary.rejected and not skip_invalid:
-            raise InvalidBatch(
-                f"{summary.rejected} invalid record(s); nothing was written "
-                "(fix them, or load the good lines with --skip-invalid)",
-                errors=summary.errors,
-                count=summary.rejected,
-                records=valid,
-            )
-        writer.write(batch)
-        writer.flush_posts()
-        writer.finish()
-    return summary
+            yield rec, len(text)
+
+    batch = _write_full_batches(writer, other_records(), batch_size)
+    if summary.rejected and not skip_invalid:
+        raise InvalidBatch(
+            f"{summary.rejected} invalid record(s); nothing was written "
+            "(fix them, or load the good lines with --skip-invalid)",
+            errors=summary.errors,
+            count=summary.rejected,
+            records=valid,
+        )
+    writer.write(batch)
+    writer.flush_posts()
