@@ -168,9 +168,9 @@ def _ingest(path: Path, database_url: str) -> IngestRun:
     """``hostmeter ingest FILE --format json`` in a new process: its wall time, its summary and
     its own peak resident size (:data:`~jobs.synthetic.bench.memory.MEASURED_CHILD`)."""
     from jobs.synthetic.bench.memory import MEASURED_CHILD
+    from jobs.synthetic.bench.startup import hostmeter_argv
 
-    script = Path(sys.executable).with_name("hostmeter")
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
+    argv = hostmeter_argv()
     env = {**os.environ, "HOSTMETER_DATABASE_URL": database_url}
     started = time.perf_counter()
     done = subprocess.run(

@@ -38,7 +38,7 @@ from typing import Any
 from jobs.runtime.errors import JobError
 from jobs.synthetic.bench.tiers import Progress, no_progress
 
-__all__ = ["HEAVY", "StartupTiming", "time_startup"]
+__all__ = ["HEAVY", "StartupTiming", "hostmeter_argv", "time_startup"]
 
 HEAVY = ("pandas", "numpy", "rich", "httpx", "prometheus_client", "boto3", "apscheduler",
          "structlog", "alembic")
@@ -86,7 +86,7 @@ class StartupTiming:
         }
 
 
-def _hostmeter() -> list[str]:
+def hostmeter_argv() -> list[str]:
     """The console script beside this interpreter (a venv's bin/), else ``python -m jobs.cli``."""
     script = Path(sys.executable).with_name("hostmeter")
     return [str(script)] if script.exists() else [sys.executable, "-m", "jobs.cli"]
@@ -122,13 +122,13 @@ def time_startup(*, repeats: int = 7, progress_factory: Progress = no_progress) 
                     "--format", "json"]
         paths: dict[str, list[str]] = {
             "floor": [py, "-c", "import sqlalchemy, click"],
-            "help": [*_hostmeter(), "--help"],
+            "help": [*hostmeter_argv(), "--help"],
             "lambda_import": [py, "-c", "import jobs.triggers.aws_lambda"],
-            "run": [*_hostmeter(), *run_args],
+            "run": [*hostmeter_argv(), *run_args],
             "lambda_invoke": [py, "-c", invoke.format(at=at)],
         }
         # The schema first (not timed): a scheduled task meets a migrated database.
-        _timed([*_hostmeter(), "db", "upgrade"], env, cwd)
+        _timed([*hostmeter_argv(), "db", "upgrade"], env, cwd)
         main = ("import sys; sys.argv = ['hostmeter', *{args!r}]\n"
                 "try:\n    import jobs.cli; jobs.cli.main()\nexcept SystemExit:\n    pass\n")
         imports = {
