@@ -473,31 +473,36 @@ def fill_month(engine: Engine, snapshotted: list[datetime], rest: list[datetime]
                *, progress_factory: Progress = no_progress) -> float:
     """Copy the snapshots of the ``snapshotted`` hours (a day, from real snapshots of recorded
     usage) over the ``rest`` of the month, hour ``i`` from hour ``i mod len(snapshotted)``,
-    with their ``snapshot_hours`` rows, one ``INSERT … SELECT`` per hour; returns the seconds.
+    with their ``snapshot_hours`` rows: per day, one ``INSERT … SELECT`` per table joined to the
+    (target, source) hours; returns the seconds.
 
     The large tier cannot hold a month of ``host_hours`` (216 M rows at 300,000 hosts), but its
     close must read a whole month of snapshots: this gives it one whose every row is a real
     snapshot of the fleet, and whose totals the checks recompute from the rows themselves."""
     us, roles, sh = m.usage_snapshots, m.usage_snapshot_roles, m.snapshot_hours
-    stamp = sa.bindparam("target", type_=us.c.hour.type)
-    source = sa.bindparam("source", type_=us.c.hour.type)
-    copies = [
-        sa.insert(t).from_select(
-            [c.name for c in t.c],
-            sa.select(*[stamp if c.name == "hour" else c for c in t.c]).where(t.c.hour == source),
-        )
-        for t in (us, roles)
-    ]
+    pairs = [(hour, snapshotted[i % len(snapshotted)]) for i, hour in enumerate(rest)]
+    days = [pairs[i : i + 24] for i in range(0, len(pairs), 24)]
     started = time.perf_counter()
-    with progress_factory("fill the month", len(rest)) as update, engine.connect() as conn:
-        for i, hour in enumerate(rest):
-            like = snapshotted[i % len(snapshotted)]
+    with progress_factory("fill the month", len(days)) as update, engine.connect() as conn:
+        for i, day in enumerate(days):
+            hours = (
+                sa.values(sa.column("target", us.c.hour.type), sa.column("source", us.c.hour.type),
+                          name="fill_hours")
+                .data(day)
+                .cte("fill_hours")
+            )
             with conn.begin():
-                for copy in copies:
-                    conn.execute(copy, {"target": hour, "source": like})
-                tenants = conn.execute(sa.select(sh.c.tenants).where(sh.c.hour == like))
-                conn.execute(sa.insert(sh), {"hour": hour, "snapshotted_at": hour,
-                                             "run_id": run_id, "tenants": tenants.scalar_one()})
+                for t in (us, roles):
+                    conn.execute(sa.insert(t).from_select(
+                        [c.name for c in t.c],
+                        sa.select(*[hours.c.target if c.name == "hour" else c for c in t.c])
+                        .join(hours, t.c.hour == hours.c.source),
+                    ))
+                conn.execute(sa.insert(sh).from_select(
+                    ["hour", "snapshotted_at", "run_id", "tenants"],
+                    sa.select(hours.c.target, hours.c.target, sa.literal(run_id), sh.c.tenants)
+                    .join(hours, sh.c.hour == hours.c.source),
+                ))
             update(i + 1)
         if engine.dialect.name == "postgresql":
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as auto:
