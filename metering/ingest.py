@@ -218,7 +218,7 @@ class _Writer:
         self.cached_names = 0
         self.new_names: list[dict[str, Any]] = []
         self.distinct = _DistinctKeys(conn)
-        # The fast path of host posts (see :meth:`add_post`): checked values, and the posts
+        # The short way of host posts (see :meth:`post_adder`): checked values, and the posts
         # accumulated per (tenant id, host key, hour) until the next flush.
         self.fast_tenants: dict[str, tuple[int, set[str]]] = {}
         self.fast_hours: dict[str, datetime] = {}

@@ -241,12 +241,11 @@ def time_parallel(directory: Path, database_url: str, *, tenants: int, hosts: in
                   for i in range(2)]
         return whole, halves
 
-    for hour in range(2):
-        whole, halves = files(hour)
-        if hour == 0:  # the fleet's first hour: tenants, hosts and dictionaries, untimed
-            for f in (whole, *halves):
-                _ingest(f.path, database_url)
-                f.path.unlink()
+    first, first_halves = files(0)
+    for f in (first, *first_halves):
+        _ingest(f.path, database_url)  # the fleet's first hour: tenants, hosts, dictionaries
+        f.path.unlink()
+    whole, halves = files(1)
     one = _ingest(whole.path, database_url)
     started = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
