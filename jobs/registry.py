@@ -125,6 +125,16 @@ JOBS: dict[str, JobSpec] = {
             catch_up=False,
         ),
         JobSpec(
+            name="flush-usage",
+            schedule="rate(5 minutes)",
+            timezone="UTC",
+            description="move the hours held in Redis (the post-time hot path) into the database",
+            body="jobs.flush_usage:run",
+            key_time=_five_minute_key,
+            max_runtime=timedelta(minutes=5),
+            catch_up=False,
+        ),
+        JobSpec(
             name="prune-usage",
             schedule="cron(30 4 * * ? *)",
             timezone="UTC",

@@ -9,6 +9,10 @@ First, on PostgreSQL, the monthly partitions of the month of ``T``, the months a
 sure of (:func:`~metering.partitions.ensure_months`, its own short transaction). A role that
 may not create them, or a table lock not granted within seconds, does not fail the run: rows of
 a month without its partition go to the DEFAULT partition, and the next run tries again.
+
+With the post-time hot path (``HOSTMETER_REDIS_URL``), what Redis holds of the window's hours is
+flushed into the database first, so an hour is never frozen while Redis holds posts of it that
+the database has not seen; if Redis does not answer, the run fails before freezing anything.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import structlog
 from billing.catalog import catalog_for
 from billing.service import limits_for
 from jobs.runtime.context import JobContext
+from metering.flush import FLUSH_TIMEOUT, flush_usage
+from metering.hotpath import connect_settings
 from metering.partitions import (
     JOB_LOCK_TIMEOUT,
     PARTITIONED,
@@ -84,6 +90,29 @@ def _ensure_partitions(ctx: JobContext, logical_time: datetime,
             log.debug("partitions_not_created", table=table, reason=result.skipped)
 
 
+def _flush_first(ctx: JobContext, hours: Sequence[datetime]) -> int | None:
+    """With a hot path (``HOSTMETER_REDIS_URL``), move what Redis holds of ``hours`` into the
+    database before they are frozen; the tenant-hours flushed (``None``: no hot path).
+
+    Redis not answering fails the run before any hour is frozen (an hour frozen without the
+    posts Redis holds would bill too little); the next hourly run covers these hours again
+    through its look-back, and the run ledger shows the failed one. Nothing is deleted from
+    Redis here: that is ``flush-usage``'s, after the look-back.
+    """
+    client = connect_settings(ctx.settings, timeout=FLUSH_TIMEOUT)
+    if client is None or not hours:
+        return None
+    try:
+        summary = flush_usage(ctx.engine, client, release_before=None, hours=hours)
+    finally:
+        client.close()
+    log = structlog.get_logger("hostmeter.snapshot")
+    for problem in summary.problems:
+        log.warning("hot_path_value_skipped", problem=problem)
+    log.debug("hot_path_flushed", **summary.as_dict())
+    return summary.tenant_hours
+
+
 def run(
     ctx: JobContext,
     logical_time: datetime,
@@ -112,6 +141,7 @@ def run(
         else:
             chunks.append([hour])
     _ensure_partitions(ctx, logical_time, todo)
+    flushed = _flush_first(ctx, todo)
     pruned = 0
     for chunk in chunks:
         with ctx.engine.begin() as conn:
@@ -149,4 +179,5 @@ def run(
         "host_metrics": metrics,
         "role_rows": roles,
         "kept_pruned_hours": pruned,
+        **({} if flushed is None else {"flushed_tenant_hours": flushed}),
     }

@@ -69,7 +69,8 @@ from metering.records import (
 )
 from metering.timeutil import floor_hour
 
-__all__ = ["IngestSummary", "UsageRecorder", "ingest_lines", "read_lines"]
+__all__ = ["BitmapSink", "IngestSummary", "UsageRecorder", "ingest_lines", "merge_bitmaps",
+           "read_lines"]
 
 #: ``pg_advisory_xact_lock`` key of ingest on PostgreSQL: every input holds it shared; an input
 #: with many tenants, and anything that must exclude every ingest (the bench's clean-up), holds
@@ -850,6 +851,78 @@ def _run(engine: Engine, work: Callable[[_Writer, int], None]) -> IngestSummary:
                 raise
             exclusive = writer is not None and writer.locks.exclusive
     raise AssertionError("unreachable")
+
+
+class BitmapSink:
+    """What ``flush-usage`` writes through: the writer of one ingest transaction, fed whole
+    host-hours and tenant-hours of metric names (from the post-time hot path) instead of posts.
+    The same locks, dictionaries and bit-OR merge as a JSON Lines ingest; see
+    :func:`merge_bitmaps`."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self._writer = writer
+        self._services: dict[tuple[int, datetime], int] = {}
+
+    @property
+    def summary(self) -> IngestSummary:
+        return self._writer.summary
+
+    def tenant_id(self, key: str) -> int:
+        """The tenant's id (created if new; on PostgreSQL its ingest lock is taken first)."""
+        w = self._writer
+        if key not in w.tenant_ids:
+            w._tenant_ids({key})
+        return w.tenant_ids[key]
+
+    def bits(self, tenant_id: int, namespace: str, names: Iterable[str]) -> int:
+        """The bitmap of ``names`` (already checked) in the tenant's ``namespace`` dictionary,
+        numbering the names new to it."""
+        return self._writer._bits(tenant_id, namespace, names)
+
+    def add_host(self, tenant_id: int, host: str, hour: datetime, standard: bool,
+                 bits: int) -> None:
+        acc = self._writer.fast_acc
+        key = (tenant_id, host, hour)
+        held = acc.get(key)
+        if held is None:
+            acc[key] = [standard, bits]
+        else:
+            held[0] = held[0] or standard
+            held[1] |= bits
+        if len(acc) >= FLUSH_KEYS:
+            self._writer.flush_posts()
+
+    def add_service(self, tenant_id: int, hour: datetime, bits: int) -> None:
+        key = (tenant_id, hour)
+        self._services[key] = self._services.get(key, 0) | bits
+        if len(self._services) >= FLUSH_KEYS:
+            self._flush_services()
+
+    def _flush_services(self) -> None:
+        w, acc = self._writer, self._services
+        if acc:
+            w.distinct.add(_TENANTS, {t for t, _ in acc})
+            w.distinct.add(_HOURS, {int(hour.timestamp()) // 3600 for _, hour in acc})
+            w._merge_service_hours(acc)
+            self._services = {}
+
+    def flush(self) -> None:
+        """Write everything added so far (called by :func:`merge_bitmaps` at the end)."""
+        self._writer.flush_posts()
+        self._flush_services()
+
+
+def merge_bitmaps(engine: Engine, work: Callable[[BitmapSink, int], None]) -> IngestSummary:
+    """``work(sink, attempt)`` in one ingest transaction, then everything it added written and
+    committed. On PostgreSQL a run aborted by a deadlock with a concurrent ingest is run again
+    (``attempt`` counts), so ``work`` must be able to start over."""
+
+    def run(writer: _Writer, attempt: int) -> None:
+        sink = BitmapSink(writer)
+        work(sink, attempt)
+        sink.flush()
+
+    return _run(engine, run)
 
 
 def _read_into(

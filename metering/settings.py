@@ -6,6 +6,11 @@
 | HOSTMETER_BILLING_TZ     | ``Asia/Tokyo``           | the zone whose calendar months are billed |
 | HOSTMETER_LOG_DIR        | ``logs``                 | JSON log files (also written to stderr)  |
 | HOSTMETER_RETENTION_DAYS | ``400``                  | raw usage kept before ``prune-usage``    |
+| HOSTMETER_REDIS_URL      | (none)                   | Redis of the post-time hot path          |
+| HOSTMETER_REDIS_CLUSTER  | ``false``                | ``true``: that URL is a Cluster node     |
+
+``HOSTMETER_REDIS_URL`` is ``redis://[:PASSWORD@]HOST:PORT/DB`` (``rediss://`` for TLS); unset,
+there is no hot path (``flush-usage`` does nothing, ``snapshot-usage`` reads the database only).
 
 The database URL is checked where an engine is made (:func:`metering.db.parse_url`):
 ``sqlite:///PATH`` or ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB`` (``postgres://`` and
@@ -42,6 +47,15 @@ def _retention(value: str | None) -> int:
     return days
 
 
+def _flag(name: str, value: str | None) -> bool:
+    text = (value or "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={value!r} must be true or false", setting=name)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Process-wide settings."""
@@ -50,6 +64,8 @@ class Settings:
     billing_tz: str = "Asia/Tokyo"
     log_dir: str = "logs"
     retention_days: int = 400
+    redis_url: str | None = None
+    redis_cluster: bool = False
 
     @property
     def zone(self) -> ZoneInfo:
@@ -63,6 +79,8 @@ class Settings:
             billing_tz=env.get("HOSTMETER_BILLING_TZ") or "Asia/Tokyo",
             log_dir=env.get("HOSTMETER_LOG_DIR") or "logs",
             retention_days=_retention(env.get("HOSTMETER_RETENTION_DAYS")),
+            redis_url=env.get("HOSTMETER_REDIS_URL") or None,
+            redis_cluster=_flag("HOSTMETER_REDIS_CLUSTER", env.get("HOSTMETER_REDIS_CLUSTER")),
         )
         try:
             ZoneInfo(settings.billing_tz)
