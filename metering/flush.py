@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from metering.hotpath import KEY_PREFIX, HotPathUnavailable, script
+from metering.hotpath import KEY_PREFIX, HotPathUnavailable, pipelined
 from metering.ingest import BitmapSink, merge_bitmaps, service_metric_key
 from metering.records import checked_metric, checked_text
 
@@ -189,15 +189,10 @@ def flush_usage(
                     else int(release_before.timestamp()) // 3600)
     total = sum(len(hs) for hs in held.values())
     summary = FlushSummary()
-    read = client.register_script(script("read_hour"))
-    release = client.register_script(script("release_hour"))
     done = 0
     for group in _groups(held):
         try:
-            with client.pipeline(transaction=False) as pipe:
-                for tenant, hour in group:
-                    read(keys=_keys(tenant, hour), client=pipe)
-                replies = pipe.execute()
+            replies = pipelined(client, "read_hour", [(_keys(t, h), ()) for t, h in group])
             tenants = sorted({t for t, _ in group})
             with client.pipeline(transaction=False) as pipe:
                 for tenant in tenants:
@@ -274,10 +269,8 @@ def flush_usage(
         summary.kept += len(group) - len(releasable)
         if releasable:
             try:
-                with client.pipeline(transaction=False) as pipe:
-                    for (tenant, hour), posts in releasable:
-                        release(keys=_keys(tenant, hour), args=[posts], client=pipe)
-                    gone = pipe.execute()
+                gone = pipelined(client, "release_hour",
+                                 [(_keys(t, h), (posts,)) for (t, h), posts in releasable])
             except redis.RedisError as exc:
                 raise HotPathUnavailable(
                     f"Redis did not answer the flush after the commit (the hours are in the "

@@ -54,6 +54,7 @@ __all__ = [
     "connect_settings",
     "epoch_hour",
     "hour_keys",
+    "pipelined",
     "script",
 ]
 
@@ -130,7 +131,7 @@ def connect(url: str, *, cluster: bool = False, timeout: float = DEFAULT_TIMEOUT
         if cluster:
             from redis.cluster import RedisCluster
 
-            return RedisCluster.from_url(url, cluster_error_retry_attempts=1, **options)
+            return RedisCluster.from_url(url, **options)
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout, **options)
         return redis.Redis(connection_pool=pool)
@@ -147,6 +148,31 @@ def connect_settings(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) ->
     if not settings.redis_url:
         return None
     return connect(settings.redis_url, cluster=settings.redis_cluster, timeout=timeout)
+
+
+def pipelined(client: Any, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+              ) -> list[Any]:
+    """Run the shipped script ``name`` once per ``(keys, args)`` in one pipeline (not a
+    transaction; a cluster client sends each node its share) and return the replies in order.
+
+    The script is loaded first if a node does not know it (``SCRIPT LOAD`` goes to every
+    primary; a restarted or new node has an empty script cache), and the pipeline sent again:
+    the scripts are idempotent, so a call that ran before the error changes nothing the
+    second time. Raises :class:`redis.RedisError` as the client does."""
+    import redis
+
+    sha = script_sha(name)
+    for attempt in (0, 1):
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                return list(pipe.execute())
+        except redis.ResponseError as exc:
+            if attempt or ("NOSCRIPT" not in str(exc) and "No matching script" not in str(exc)):
+                raise
+            client.script_load(script(name))
+    raise AssertionError("unreachable")
 
 
 def _safe_url(url: str) -> str:
@@ -245,22 +271,19 @@ class PostRecorder:
 
     # -- many posts, one round trip per PIPELINE_CHUNK ----------------------------------------
 
-    def record_many(self, posts: Iterable[Post]) -> BatchResult:
+    def record_many(self, posts: Sequence[Post]) -> BatchResult:
         """Record posts pipelined (:data:`PIPELINE_CHUNK` per round trip). Every post is checked
         before any is sent. If Redis fails part-way, the posts of the chunks not confirmed are
         spooled (or :class:`HotPathUnavailable` is raised): a post of a failed chunk that Redis
         did record is recorded again from the spool, which changes nothing."""
-        calls = [(post, *_call(post)) for post in posts]
+        calls = [_call(post) for post in posts]
         result = BatchResult()
         for first in range(0, len(calls), PIPELINE_CHUNK):
             chunk = calls[first:first + PIPELINE_CHUNK]
             try:
-                with self.client.pipeline(transaction=False) as pipe:
-                    for _, keys, args in chunk:
-                        self._record(keys=keys, args=args, client=pipe)
-                    pipe.execute()
+                pipelined(self.client, "record", chunk)
             except Exception as exc:
-                rest = [post for post, _, _ in calls[first:]]
+                rest = list(posts[first:])
                 self._unavailable(exc, rest)
                 result.spooled += len(rest)
                 return result

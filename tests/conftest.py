@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from metering import db
+from redisservers import RedisCluster, RedisServer, redis_cluster, redis_server
 
 POSTGRES_URL = os.environ.get("HOSTMETER_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])
@@ -112,6 +113,46 @@ def engine(db_url: str) -> Iterator[Engine]:
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Keep tests from reading the developer's settings or writing logs into the checkout."""
-    for var in ("HOSTMETER_DATABASE_URL", "HOSTMETER_BILLING_TZ", "HOSTMETER_LOG_DIR"):
+    for var in ("HOSTMETER_DATABASE_URL", "HOSTMETER_BILLING_TZ", "HOSTMETER_LOG_DIR",
+                "HOSTMETER_REDIS_URL", "HOSTMETER_REDIS_CLUSTER"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOSTMETER_LOG_DIR", str(tmp_path / "logs"))
+
+
+# --- real Redis servers (tests/redisservers.py) ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def _redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_single(_redis_session: RedisServer) -> RedisServer:
+    """A private ``redis-server`` (one per session), emptied for each test."""
+    if _redis_session.process is None:  # a test stopped it
+        _redis_session.start()
+    _redis_session.cli("FLUSHALL")
+    return _redis_session
+
+
+@pytest.fixture(scope="session")
+def _cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_3(_cluster_session: RedisCluster) -> RedisCluster:
+    """A real 3-node Redis Cluster on loopback ports (one per session), emptied for each test."""
+    _cluster_session.flushall()
+    return _cluster_session
+
+
+@pytest.fixture(params=["single", "cluster"])
+def hot_path(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """``(url, cluster)`` of a real Redis: a single server, then a 3-node cluster."""
+    if request.param == "single":
+        return request.getfixturevalue("redis_single").url, False
+    return request.getfixturevalue("redis_cluster_3").url, True
