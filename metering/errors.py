@@ -116,3 +116,13 @@ class InvalidBatch(MeteringError):
 
 class InvalidWindow(MeteringError):
     """A time window, instant or period is malformed."""
+
+
+class HotPathUnavailable(MeteringError):
+    """Redis (the post-time hot path) did not answer within the timeout, or refused the
+    connection: what was asked of it was not done there."""
+
+
+class HotPathRejected(MeteringError):
+    """A post the hot path does not record: a tenant, host or metric name ingest would refuse
+    (or a tenant with a brace, which the Redis keys cannot carry)."""

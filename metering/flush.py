@@ -101,7 +101,7 @@ def held_hours(client: Any) -> dict[str, set[int]]:
                     continue
                 held.setdefault(head[len(KEY_PREFIX) + 1:], set()).add(int(hour))
     except redis.RedisError as exc:
-        raise HotPathUnavailable(f"Redis did not answer the flush: {exc}") from None
+        raise HotPathUnavailable(f"Redis did not answer: {exc}") from None
     return held
 
 

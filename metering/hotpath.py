@@ -41,13 +41,14 @@ from typing import Any, Literal
 
 import msgspec
 
-from metering.errors import ConfigError, MeteringError
+from metering.errors import ConfigError, HotPathRejected, HotPathUnavailable
 from metering.records import HostPost, ServicePost, checked_metric, checked_text
 from metering.settings import Settings
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "PROTOCOL_VERSION",
+    "HotPathRejected",
     "HotPathUnavailable",
     "PostRecorder",
     "connect",
@@ -64,15 +65,6 @@ DEFAULT_TIMEOUT = 0.25
 PIPELINE_CHUNK = 1000
 """Posts sent per pipeline round trip by :meth:`PostRecorder.record_many`."""
 KEY_PREFIX = "hm:"
-
-
-class HotPathUnavailable(MeteringError):
-    """Redis did not answer within the timeout (or refused the connection): the post was not
-    recorded there."""
-
-
-class HotPathRejected(MeteringError):
-    """The post is not one hostmeter records (an invalid tenant, host or metric name)."""
 
 
 @cache

@@ -27,6 +27,7 @@ from metering.db import database_error
 from metering.display import one_line
 from metering.errors import (
     ConfigError,
+    HotPathRejected,
     InvalidBatch,
     InvalidRecord,
     InvalidWindow,
@@ -73,7 +74,8 @@ def fail(message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
 
 def translate(exc: Exception) -> click.ClickException:
     if isinstance(exc, InvalidWindow | InvalidRecord | InvalidBatch | ConfigError | UnknownJob
-                  | BadTrigger | ReasonRequired | UnknownTenant | CatalogError):
+                  | BadTrigger | ReasonRequired | UnknownTenant | CatalogError
+                  | HotPathRejected):
         return CliError(str(exc), EXIT_BAD_INPUT)
     if isinstance(exc, MeteringError | JobError | BillingError):
         return CliError(str(exc), EXIT_FAILED)

@@ -21,6 +21,7 @@ from jobs.cli.bench import bench_command
 from jobs.cli.billing import billing_group
 from jobs.cli.demo import demo
 from jobs.cli.errors import EXIT_BAD_INPUT, CliError, Group, translate
+from jobs.cli.hotpath import hotpath_group
 from jobs.cli.ingest import ingest
 from jobs.cli.metrics import dashboard_command, metrics_group
 from jobs.cli.retry import retry_failed_cmd
@@ -138,7 +139,7 @@ def db_grant(role: str) -> None:
 
 
 for command in (ingest, run_cmd, backfill, retry_failed_cmd, runs_cmd, scheduler_cmd, demo,
-                bench_command, billing_group, metrics_group, dashboard_command):
+                bench_command, billing_group, metrics_group, dashboard_command, hotpath_group):
     cli.add_command(command)
 
 def main() -> None:
