@@ -64,7 +64,8 @@ def cli(ctx: click.Context, database_url: str | None) -> None:
     from jobs.runtime.logconfig import configure_logging
 
     configure_logging(settings.log_dir, stderr_level="warning" if sys.stderr.isatty() else "info",
-                      secrets=db.password_forms(settings.database_url))
+                      secrets=[*db.password_forms(settings.database_url),
+                               *db.password_forms(settings.redis_url)])
 
 
 # --- db ------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ sets nothing, so memory grows with host-hours, not with posts.
   one slot. A tenant whose name holds "{" or "}" cannot be recorded here (ingest takes it).
   H is the UTC hour of the post as whole hours since 1970-01-01T00:00:00Z (floor(unix / 3600)).
 
-Returns the number of bits the post newly set (0 for a repeated post). Errors (a reply error
-starting "ERR hostmeter:") leave everything as it was.
+Returns the number of bits the post newly set (0 for a repeated post). Errors (a reply error whose
+message starts with "hostmeter:") leave everything as it was.
 
 Value layout of KEYS[2]'s fields: byte 1 holds flags (1: a standard post was seen, 2: a micro
 post was seen, 4: a service post); from byte 2 on, bit (id % 8) of byte 2 + floor(id / 8) is set
