@@ -35,7 +35,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,12 +64,17 @@ DEFAULT_TIMEOUT = 0.25
 PIPELINE_CHUNK = 1000
 """Posts sent per pipeline round trip by :meth:`PostRecorder.record_many`."""
 KEY_PREFIX = "hm:"
+LUA_DIR = Path(__file__).resolve().parent / "lua"
+"""Where the shipped Lua scripts are (installed with the package: package-data)."""
 
 
 @cache
 def script(name: str) -> str:
     """The text of a shipped Lua script (``record``, ``read_hour``, ``release_hour``)."""
-    return resources.files("metering").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    # Next to this module, as billing's catalogs are: importlib.resources.files("metering") is
+    # the namespace package tests/metering under pytest (a MultiplexedPath, whose joinpath takes
+    # one name on Python 3.11), and the scripts are not there.
+    return (LUA_DIR / f"{name}.lua").read_text("utf-8")
 
 
 def script_sha(name: str) -> str:
