@@ -89,7 +89,7 @@ def test_an_upward_import_breaks_the_contract(
     assert importer in result.stdout, result.stdout
 
 
-HEAVY = ("pandas", "numpy", "rich", "httpx", "prometheus_client", "boto3", "apscheduler")
+HEAVY = ("pandas", "numpy", "rich", "httpx", "prometheus_client", "boto3", "apscheduler", "redis")
 
 
 @pytest.mark.parametrize(("module", "allowed"), [
