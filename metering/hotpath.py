@@ -134,7 +134,9 @@ def connect(url: str, *, cluster: bool = False, timeout: float = DEFAULT_TIMEOUT
     except ValueError as exc:
         raise ConfigError(f"HOSTMETER_REDIS_URL is not a Redis URL: {exc}",
                           setting="HOSTMETER_REDIS_URL") from None
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        # RedisCluster raises RedisClusterUnreachableError, not a RedisError, when no node of
+        # the URL answers while it reads the slot map
         raise HotPathUnavailable(f"Redis at {_safe_url(url)} did not answer: {exc}") from None
 
 
