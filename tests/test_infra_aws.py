@@ -5,6 +5,10 @@
   and every schedule names a registered job, with a command ``hostmeter run`` accepts or a
   payload ``jobs.triggers.aws_lambda.handler`` accepts;
 - the template passes ``cfn-lint`` (skipped when cfn-lint is not installed);
+- the post-time hot path (``HotPath``): the ElastiCache replication group and everything it needs
+  exist only with ``elasticache``, are encrypted in transit and at rest, admit 6379 only from the
+  tasks' and the API servers' groups, and the task gets ``HOSTMETER_REDIS_URL`` as a secret (never
+  plain env) exactly when a hot path is configured;
 - IAM: no wildcard action, ``Resource: "*"`` only for actions that have no resource type, and
   each role grants exactly the listed permissions (a new grant fails the test until it is
   reviewed and added here).
@@ -31,6 +35,7 @@ from jobs.cli.runs import run_cmd
 from jobs.monitoring import cloudwatch
 from jobs.registry import JOBS
 from jobs.triggers import aws_lambda as aws
+from metering.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "infra" / "aws" / "hostmeter.yaml"
@@ -107,6 +112,21 @@ def _parameters(**overrides: str) -> dict[str, str]:
     return params
 
 
+HOT_PATHS = ["none", "elasticache", "external"]
+VPC = "vpc-0123456789abcdef0"
+API_SERVERS_SG = "sg-0a1b2c3d4e5f60718"
+EXTERNAL_URL_SECRET = (
+    "arn:aws:secretsmanager:ap-northeast-1:123456789012:secret:hostmeter/redis-AbC")
+
+
+def _hot_path_parameters(hot_path: str, **overrides: str) -> dict[str, str]:
+    """A stack's parameters with that ``HotPath`` option and what the option needs."""
+    needs = {"none": {},
+             "elasticache": {"VpcId": VPC},
+             "external": {"HotPathRedisUrlSecretArn": EXTERNAL_URL_SECRET}}[hot_path]
+    return _parameters(HotPath=hot_path, **{**needs, **overrides})
+
+
 def _evaluate(expr: Any, params: Mapping[str, str]) -> Any:
     """Evaluate the condition functions this template uses (and fail on any other)."""
     if isinstance(expr, dict):
@@ -133,10 +153,44 @@ def _exists(resource: Mapping[str, Any], params: Mapping[str, str]) -> bool:
     return condition is None or bool(_evaluate({"Condition": condition}, params))
 
 
+_NO_VALUE = {"Ref": "AWS::NoValue"}
+
+
+def _pick(value: Any, params: Mapping[str, str]) -> Any:
+    """``value`` as deployed with ``params``: every ``Fn::If`` replaced by its branch, and
+    ``AWS::NoValue`` dropped from lists and mappings (other functions are left as they are)."""
+    if isinstance(value, dict):
+        if set(value) == {"Fn::If"}:
+            condition, then, otherwise = value["Fn::If"]
+            return _pick(then if _evaluate({"Condition": condition}, params) else otherwise,
+                         params)
+        picked = {k: _pick(v, params) for k, v in value.items()}
+        return {k: v for k, v in picked.items() if v != _NO_VALUE}
+    if isinstance(value, list):
+        return [v for v in (_pick(item, params) for item in value) if v != _NO_VALUE]
+    return value
+
+
+def _deployed(params: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The resources a stack with ``params`` has, their properties as deployed (``_pick``)."""
+    return {name: _pick(res, params) for name, res in _template()["Resources"].items()
+            if _exists(res, params)}
+
+
 # ---------------------------------------------------------------- schedules
 
 
 RETRY_SCHEDULE = "RetryFailedSchedule"
+# Every ECS task's security groups: with HotPath=elasticache, SecurityGroupIds plus the group
+# that the Redis admits (CloudFormation has no list append: join, add, split).
+TASK_SECURITY_GROUPS = {"Fn::If": [
+    "HotPathElastiCache",
+    {"Fn::Split": [",", {"Fn::Sub": [
+        "${Ids},${HotPathClientSecurityGroup.GroupId}",
+        {"Ids": {"Fn::Join": [",", {"Ref": "SecurityGroupIds"}]}},
+    ]}]},
+    {"Ref": "SecurityGroupIds"},
+]}
 
 
 def _schedules() -> dict[str, dict[str, Any]]:
@@ -175,9 +229,11 @@ def _expected_command(job: str, shard: str | None) -> list[str]:
     return [*command, "--shard", shard] if shard else command
 
 
+@pytest.mark.parametrize("hot_path", ["none", "elasticache", "external"])
 @pytest.mark.parametrize("close_shards", _allowed_close_shards())
-def test_schedules_match_the_registry_one_per_job_and_shard(close_shards: str) -> None:
-    params = _parameters(CloseShards=close_shards)
+def test_schedules_match_the_registry_one_per_job_and_shard(close_shards: str,
+                                                            hot_path: str) -> None:
+    params = _hot_path_parameters(hot_path, CloseShards=close_shards)
     n = int(close_shards)
     found: dict[str, list[tuple[str, str, str | None]]] = {}
     for name, res in _schedules().items():
@@ -260,7 +316,7 @@ def test_ecs_schedules_run_the_task_with_the_scheduled_time_in_private_subnets()
             "PlatformVersion": "LATEST",
             "NetworkConfiguration": {"AwsvpcConfiguration": {
                 "Subnets": {"Ref": "VpcSubnetIds"},
-                "SecurityGroups": {"Ref": "SecurityGroupIds"},
+                "SecurityGroups": TASK_SECURITY_GROUPS,
                 "AssignPublicIp": "DISABLED",
             }},
         }, name
@@ -310,12 +366,13 @@ def test_task_definition_is_fargate_with_secrets_from_the_stores_not_the_environ
     assert container["Name"] == CONTAINER
     assert container["Image"] == {"Ref": "ImageUri"}
     assert "EntryPoint" not in container  # the image's ENTRYPOINT is hostmeter
-    assert {e["Name"]: e["Value"] for e in container["Environment"]} == {
+    deployed = _pick(container, _parameters())  # no hot path: see the HotPath tests
+    assert {e["Name"]: e["Value"] for e in deployed["Environment"]} == {
         "HOSTMETER_BILLING_TZ": "Asia/Tokyo",
         "HOSTMETER_LOG_DIR": "/tmp/hostmeter-logs",
         "HOSTMETER_MACKEREL_SERVICE": {"Ref": "MackerelService"},
     }
-    assert {s["Name"]: s["ValueFrom"] for s in container["Secrets"]} == {
+    assert {s["Name"]: s["ValueFrom"] for s in deployed["Secrets"]} == {
         "HOSTMETER_DATABASE_URL": {"Ref": "DatabaseUrlSecretArn"},
         "MACKEREL_API_KEY": SSM_PARAMETER_ARN,
     }
@@ -431,13 +488,299 @@ def test_parameters_and_outputs() -> None:
         "LambdaCodeS3Key": "String",
     }.items() <= types.items()
     assert params["MackerelService"]["Default"] == "hostmeter"
-    outputs = {name: o["Value"] for name, o in _template()["Outputs"].items()}
+    outputs = {name: o["Value"] for name, o in _template()["Outputs"].items()
+               if "Condition" not in o}
     assert outputs == {
         "ClusterName": {"Ref": "Cluster"},
         "TaskDefinitionArn": {"Ref": "TaskDefinition"},
         "DeadLetterQueueUrl": {"Ref": "DeadLetterQueue"},
         "ScheduleGroupName": {"Ref": "ScheduleGroup"},
     }
+
+
+# ---------------------------------------------------------------- the hot path (HotPath)
+
+HOT_PATH_RESOURCES = {
+    "HotPathAuthTokenSecret": "AWS::SecretsManager::Secret",
+    "HotPathRedisUrlSecret": "AWS::SecretsManager::Secret",
+    "HotPathSubnetGroup": "AWS::ElastiCache::SubnetGroup",
+    "HotPathParameterGroup": "AWS::ElastiCache::ParameterGroup",
+    "HotPathSecurityGroup": "AWS::EC2::SecurityGroup",
+    "HotPathClientSecurityGroup": "AWS::EC2::SecurityGroup",
+    "HotPathIngressFromTasks": "AWS::EC2::SecurityGroupIngress",
+    "HotPathIngressFromApiServers": "AWS::EC2::SecurityGroupIngress",
+    "HotPathReplicationGroup": "AWS::ElastiCache::ReplicationGroup",
+}
+REDIS_SG = {"Fn::GetAtt": ["HotPathSecurityGroup", "GroupId"]}
+CLIENT_SG = {"Fn::GetAtt": ["HotPathClientSecurityGroup", "GroupId"]}
+TOKEN_REFERENCE = "{{resolve:secretsmanager:${HotPathAuthTokenSecret}:SecretString:token}}"
+URL_SECRETS = {"elasticache": {"Ref": "HotPathRedisUrlSecret"},
+               "external": {"Ref": "HotPathRedisUrlSecretArn"}}
+
+
+def test_hot_path_parameters_default_to_no_hot_path() -> None:
+    params = _template()["Parameters"]
+    assert (params["HotPath"]["AllowedValues"], params["HotPath"]["Default"]) == (HOT_PATHS, "none")
+    mode = params["HotPathClusterMode"]
+    assert (mode["AllowedValues"], mode["Default"]) == (["disabled", "enabled"], "disabled")
+    # automatic failover needs a replica in every node group
+    replicas = params["HotPathReplicas"]
+    assert 1 <= int(replicas["MinValue"]) <= int(replicas["Default"])
+    node = params["HotPathNodeType"]
+    assert re.fullmatch(node["AllowedPattern"], node["Default"])
+    assert not re.fullmatch(node["AllowedPattern"], "r7g.large")
+    for name, example in (("VpcId", VPC), ("HotPathApiSecurityGroupId", API_SERVERS_SG),
+                          ("HotPathRedisUrlSecretArn", EXTERNAL_URL_SECRET)):
+        assert params[name]["Default"] == "", name
+        assert re.fullmatch(params[name]["AllowedPattern"], ""), name
+        assert re.fullmatch(params[name]["AllowedPattern"], example), name
+
+
+def _rule_failures(params: Mapping[str, str]) -> list[str]:
+    """The template Rules whose assertions ``params`` break (CloudFormation refuses the stack)."""
+    failures = []
+    for name, rule in _template().get("Rules", {}).items():
+        if "RuleCondition" in rule and not _evaluate(rule["RuleCondition"], params):
+            continue
+        failures += [name for a in rule["Assertions"] if not _evaluate(a["Assert"], params)]
+    return failures
+
+
+@pytest.mark.parametrize(("hot_path", "needed"), [("elasticache", "VpcId"),
+                                                  ("external", "HotPathRedisUrlSecretArn")])
+def test_a_hot_path_option_is_refused_without_what_it_needs(hot_path: str, needed: str) -> None:
+    assert _rule_failures(_parameters()) == []
+    params = _hot_path_parameters(hot_path)
+    assert _rule_failures(params) == []
+    assert _rule_failures({**params, needed: ""}) != []
+
+
+@pytest.mark.parametrize("api_servers", ["", API_SERVERS_SG])
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_the_replication_group_and_its_parts_exist_only_with_elasticache(
+    hot_path: str, api_servers: str
+) -> None:
+    resources = _template()["Resources"]
+    assert {name: resources[name]["Type"] for name in HOT_PATH_RESOURCES} == HOT_PATH_RESOURCES
+    # no other resource of these kinds escapes the checks below
+    kinds = set(HOT_PATH_RESOURCES.values())
+    assert {n for n, r in resources.items() if r["Type"] in kinds} == set(HOT_PATH_RESOURCES)
+
+    deployed = _deployed(_hot_path_parameters(hot_path, HotPathApiSecurityGroupId=api_servers))
+    expected = set(HOT_PATH_RESOURCES) if hot_path == "elasticache" else set()
+    if not api_servers:
+        expected.discard("HotPathIngressFromApiServers")
+    assert set(deployed) & set(HOT_PATH_RESOURCES) == expected
+
+
+@pytest.mark.parametrize("cluster_mode", ["disabled", "enabled"])
+def test_the_replication_group_is_redis_7_encrypted_with_a_token_and_failover(
+    cluster_mode: str,
+) -> None:
+    deployed = _deployed(_hot_path_parameters("elasticache", HotPathClusterMode=cluster_mode))
+    group = deployed["HotPathReplicationGroup"]
+    props = group["Properties"]
+    assert props["Engine"] == "redis"
+    assert str(props["EngineVersion"]).split(".")[0] == "7"
+    assert props["TransitEncryptionEnabled"] is True
+    assert props.get("TransitEncryptionMode", "required") == "required"
+    assert props["AtRestEncryptionEnabled"] is True
+    assert props["AuthToken"] == {"Fn::Sub": TOKEN_REFERENCE}
+    assert props["AutomaticFailoverEnabled"] is True
+    assert props["MultiAZEnabled"] is True
+    assert props["ReplicasPerNodeGroup"] == {"Ref": "HotPathReplicas"}
+    assert props["CacheNodeType"] == {"Ref": "HotPathNodeType"}
+    assert props["Port"] == 6379
+    assert props["SecurityGroupIds"] == [REDIS_SG]
+    # it may hold posts not yet flushed: deleting or replacing it keeps a snapshot
+    assert (group["DeletionPolicy"], group["UpdateReplacePolicy"]) == ("Snapshot", "Snapshot")
+
+    on = cluster_mode == "enabled"
+    assert props["ClusterMode"] == cluster_mode
+    assert props["NumNodeGroups"] == ({"Ref": "HotPathShards"} if on else 1)
+    assert props["CacheParameterGroupName"] == {"Ref": "HotPathParameterGroup"}
+    parameters = deployed["HotPathParameterGroup"]["Properties"]
+    assert parameters["CacheParameterGroupFamily"] == "redis7"
+    assert parameters["Properties"] == {"cluster-enabled": "yes" if on else "no",
+                                        "maxmemory-policy": "noeviction"}
+
+    assert props["CacheSubnetGroupName"] == {"Ref": "HotPathSubnetGroup"}
+    assert deployed["HotPathSubnetGroup"]["Properties"]["SubnetIds"] == {"Ref": "VpcSubnetIds"}
+
+    token = deployed["HotPathAuthTokenSecret"]["Properties"]["GenerateSecretString"]
+    assert token["GenerateStringKey"] == "token"
+    assert json.loads(token["SecretStringTemplate"]) == {}
+    # letters and digits: ElastiCache refuses some punctuation, a URL would need the rest escaped
+    assert token["ExcludePunctuation"] is True
+    assert 16 <= token["PasswordLength"] <= 128  # ElastiCache's AUTH token length
+
+
+def _ingress(deployed: Mapping[str, dict[str, Any]], group: str) -> list[dict[str, Any]]:
+    """Every ingress rule of security group ``group``: inline, and separate resources."""
+    rules = list(deployed[group]["Properties"].get("SecurityGroupIngress", []))
+    names = ({"Ref": group}, {"Fn::GetAtt": [group, "GroupId"]})
+    rules += [r["Properties"] for r in deployed.values()
+              if r["Type"] == "AWS::EC2::SecurityGroupIngress"
+              and r["Properties"]["GroupId"] in names]
+    return rules
+
+
+@pytest.mark.parametrize("api_servers", ["", API_SERVERS_SG])
+def test_redis_admits_6379_only_from_the_tasks_and_the_api_servers(api_servers: str) -> None:
+    deployed = _deployed(_hot_path_parameters("elasticache",
+                                              HotPathApiSecurityGroupId=api_servers))
+    sources = []
+    for rule in _ingress(deployed, "HotPathSecurityGroup"):
+        assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 6379, 6379), rule
+        assert not {"CidrIp", "CidrIpv6", "SourcePrefixListId", "SourceSecurityGroupName",
+                    "SourceSecurityGroupOwnerId"} & set(rule), rule
+        sources.append(_canon(rule["SourceSecurityGroupId"]))
+    expected = [CLIENT_SG] + ([{"Ref": "HotPathApiSecurityGroupId"}] if api_servers else [])
+    assert sorted(sources) == sorted(map(_canon, expected))
+
+    # The tasks' group admits nothing and reaches only Redis, so adding it to a task widens
+    # nothing the operator's own groups restrict.
+    client = deployed["HotPathClientSecurityGroup"]["Properties"]
+    assert _ingress(deployed, "HotPathClientSecurityGroup") == []
+    (egress,) = client["SecurityGroupEgress"]
+    assert (egress["IpProtocol"], egress["FromPort"], egress["ToPort"]) == ("tcp", 6379, 6379)
+    assert egress["DestinationSecurityGroupId"] == REDIS_SG
+    assert not {"CidrIp", "CidrIpv6", "DestinationPrefixListId"} & set(egress)
+    for name in ("HotPathSecurityGroup", "HotPathClientSecurityGroup"):
+        assert deployed[name]["Properties"]["VpcId"] == {"Ref": "VpcId"}, name
+
+
+def _task_security_groups(value: Any, ids: list[str], client: str) -> list[str]:
+    """The deployed list of an ECS schedule's ``SecurityGroups`` (the functions it uses)."""
+    def text(expr: Any) -> str:
+        if isinstance(expr, str):
+            return expr
+        ((fn, arg),) = expr.items()
+        if fn == "Fn::Join":
+            assert arg[0] == "," and arg[1] == {"Ref": "SecurityGroupIds"}, expr
+            return ",".join(ids)
+        assert fn == "Fn::Sub", expr
+        template, variables = arg
+        names = {k: text(v) for k, v in variables.items()}
+        names["HotPathClientSecurityGroup.GroupId"] = client
+        return re.sub(r"\$\{([^}]+)\}", lambda m: names[m[1]], template)
+
+    if value == {"Ref": "SecurityGroupIds"}:
+        return ids
+    ((fn, (separator, joined)),) = value.items()
+    assert (fn, separator) == ("Fn::Split", ","), value
+    return text(joined).split(",")
+
+
+@pytest.mark.parametrize("hot_path", HOT_PATHS)
+def test_ecs_tasks_join_the_group_redis_admits_only_with_elasticache(hot_path: str) -> None:
+    deployed = _deployed(_hot_path_parameters(hot_path))
+    ecs = [r["Properties"] for r in deployed.values()
+           if r["Type"] == "AWS::Scheduler::Schedule"
+           and r["Properties"]["Target"]["Arn"] == CLUSTER_ARN]
+    assert len(ecs) >= len(JOBS) - len(LAMBDA_JOBS)
+    ids = ["sg-0000000000000000a", "sg-0000000000000000b"]
+    for props in ecs:
+        network = props["Target"]["EcsParameters"]["NetworkConfiguration"]["AwsvpcConfiguration"]
+        groups = _task_security_groups(network["SecurityGroups"], ids, "sg-client")
+        assert groups == ids + (["sg-client"] if hot_path == "elasticache" else []), props["Name"]
+
+
+def test_flush_usage_runs_on_ecs_every_five_minutes_whatever_the_hot_path() -> None:
+    spec = JOBS["flush-usage"]
+    assert not spec.catch_up  # the next flush takes everything Redis holds
+    for hot_path in HOT_PATHS:
+        params = _hot_path_parameters(hot_path)
+        (props,) = [r["Properties"] for r in _schedules().values()
+                    if _exists(r, params) and _invocation(r["Properties"])[1] == "flush-usage"]
+        assert (props["ScheduleExpression"], props["ScheduleExpressionTimezone"]) == (
+            spec.schedule, spec.timezone)
+        # enabled without a hot path too: the run succeeds doing nothing, and the alerts on
+        # "no successful run" (hostmeter_job_last_success_timestamp_seconds) stay quiet
+        assert props["State"] == "ENABLED"
+        assert props["Target"]["Arn"] == CLUSTER_ARN
+        assert _command(props) == _expected_command("flush-usage", None)
+        retry = props["Target"]["RetryPolicy"]
+        assert retry["MaximumEventAgeInSeconds"] <= 300  # by then the next one is due
+
+
+@pytest.mark.parametrize(("hot_path", "cluster_mode"), [
+    ("none", "disabled"), ("none", "enabled"), ("elasticache", "disabled"),
+    ("elasticache", "enabled"), ("external", "disabled"), ("external", "enabled"),
+])
+def test_the_task_gets_the_redis_url_as_a_secret_exactly_with_a_hot_path(
+    hot_path: str, cluster_mode: str
+) -> None:
+    params = _hot_path_parameters(hot_path, HotPathClusterMode=cluster_mode)
+    container = _pick(_container(), params)
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
+    assert "HOSTMETER_REDIS_URL" not in env  # it carries the AUTH token
+    url_secret = URL_SECRETS.get(hot_path)
+    assert secrets.get("HOSTMETER_REDIS_URL") == url_secret
+    cluster = env.get("HOSTMETER_REDIS_CLUSTER")
+    if hot_path == "none":
+        assert cluster is None
+    else:
+        # as the tasks read it
+        assert isinstance(cluster, str)
+        settings = Settings.from_env({"HOSTMETER_REDIS_URL": "rediss://:t@redis:6379",
+                                      "HOSTMETER_REDIS_CLUSTER": cluster})
+        assert settings.redis_cluster is (cluster_mode == "enabled")
+
+    # and ECS may read that secret, and only with this option
+    role = _pick(_template()["Resources"]["TaskExecutionRole"], params)
+    (policy,) = role["Properties"]["Policies"]
+    readable = [s["Resource"] for s in _statements(policy["PolicyDocument"])
+                if s["Action"] == "secretsmanager:GetSecretValue"]
+    assert readable == [{"Ref": "DatabaseUrlSecretArn"}] + ([url_secret] if url_secret else [])
+
+
+@pytest.mark.parametrize("cluster_mode", ["disabled", "enabled"])
+def test_the_redis_url_secret_is_rediss_with_the_token_at_the_groups_endpoint(
+    cluster_mode: str,
+) -> None:
+    from redis.connection import SSLConnection, parse_url
+
+    deployed = _deployed(_hot_path_parameters("elasticache", HotPathClusterMode=cluster_mode))
+    template, variables = deployed["HotPathRedisUrlSecret"]["Properties"]["SecretString"]["Fn::Sub"]
+    endpoint = "ConfigurationEndPoint" if cluster_mode == "enabled" else "PrimaryEndPoint"
+    assert variables == {
+        "Host": {"Fn::GetAtt": ["HotPathReplicationGroup", f"{endpoint}.Address"]},
+        "Port": {"Fn::GetAtt": ["HotPathReplicationGroup", f"{endpoint}.Port"]},
+    }
+    # as deployed: CloudFormation resolves the token; the tasks' client reads TLS + password
+    assert TOKEN_REFERENCE in template
+    url = (template.replace(TOKEN_REFERENCE, "Tok3nOfSixtyFourLettersAndDigits")
+           .replace("${Host}", "hm.abc123.apne1.cache.amazonaws.com").replace("${Port}", "6379"))
+    assert "${" not in url and "{{" not in url
+    assert parse_url(Settings.from_env({"HOSTMETER_REDIS_URL": url}).redis_url or "") == {
+        "password": "Tok3nOfSixtyFourLettersAndDigits",
+        "host": "hm.abc123.apne1.cache.amazonaws.com",
+        "port": 6379,
+        "connection_class": SSLConnection,
+    }
+
+
+@pytest.mark.parametrize("cluster_mode", ["disabled", "enabled"])
+def test_outputs_give_the_api_servers_the_endpoint_and_the_token_only_with_elasticache(
+    cluster_mode: str,
+) -> None:
+    outputs = _template()["Outputs"]
+    hot = {name: o for name, o in outputs.items() if "Condition" in o}
+    assert sorted(hot) == ["HotPathAuthTokenSecretArn", "HotPathClientSecurityGroupId",
+                           "HotPathEndpoint", "HotPathRedisUrlSecretArn"]
+    assert {o["Condition"] for o in hot.values()} == {"HotPathElastiCache"}
+    params = _hot_path_parameters("elasticache", HotPathClusterMode=cluster_mode)
+    endpoint = "ConfigurationEndPoint" if cluster_mode == "enabled" else "PrimaryEndPoint"
+    assert _pick(hot["HotPathEndpoint"]["Value"], params) == {"Fn::Sub": (
+        f"${{HotPathReplicationGroup.{endpoint}.Address}}"
+        f":${{HotPathReplicationGroup.{endpoint}.Port}}")}
+    assert hot["HotPathAuthTokenSecretArn"]["Value"] == {"Ref": "HotPathAuthTokenSecret"}
+    assert hot["HotPathRedisUrlSecretArn"]["Value"] == {"Ref": "HotPathRedisUrlSecret"}
+    assert hot["HotPathClientSecurityGroupId"]["Value"] == CLIENT_SG
+    # outputs are readable by anyone who may describe the stack: no resolved secret there
+    assert "{{resolve:" not in json.dumps(outputs)
 
 
 # ---------------------------------------------------------------- cfn-lint
@@ -557,7 +900,7 @@ def test_scheduler_role_runs_only_the_task_definition_and_invokes_only_the_funct
     }
 
 
-def test_task_execution_role_pulls_the_image_writes_its_log_reads_its_two_secrets() -> None:
+def test_task_execution_role_pulls_the_image_writes_its_log_reads_its_secrets() -> None:
     repository = {"Ref": "ImageRepositoryArn"}
     log_group = {"Fn::GetAtt": ["TaskLogGroup", "Arn"]}
     kms_via = {"StringEquals": {"kms:ViaService": [
@@ -574,6 +917,9 @@ def test_task_execution_role_pulls_the_image_writes_its_log_reads_its_two_secret
         _grant("secretsmanager:GetSecretValue", {"Ref": "DatabaseUrlSecretArn"}),
         _grant("ssm:GetParameters", SSM_PARAMETER_ARN),
         _grant("kms:Decrypt", {"Ref": "SecretsKmsKeyArn"}, kms_via),
+        # HotPath=elasticache / external only (test_the_redis_url_is_read_only_under_its_option)
+        _grant("secretsmanager:GetSecretValue", {"Ref": "HotPathRedisUrlSecret"}),
+        _grant("secretsmanager:GetSecretValue", {"Ref": "HotPathRedisUrlSecretArn"}),
     }
 
 
@@ -581,9 +927,9 @@ def test_task_execution_role_pulls_the_image_writes_its_log_reads_its_two_secret
 def test_kms_decrypt_is_granted_only_when_a_customer_key_is_given(role: str) -> None:
     (policy,) = _resources("AWS::IAM::Role")[role]["Properties"]["Policies"]
     conditional = [s for s in policy["PolicyDocument"]["Statement"] if "Fn::If" in s]
-    assert [s["Fn::If"][0] for s in conditional] == ["HasKmsKey"]
-    assert conditional[0]["Fn::If"][1]["Action"] == "kms:Decrypt"
-    assert conditional[0]["Fn::If"][2] == {"Ref": "AWS::NoValue"}
+    kms = [s for s in conditional if s["Fn::If"][1]["Action"] == "kms:Decrypt"]
+    assert [s["Fn::If"][0] for s in kms] == ["HasKmsKey"]
+    assert kms[0]["Fn::If"][2] == {"Ref": "AWS::NoValue"}
     assert _evaluate({"Condition": "HasKmsKey"}, _parameters()) is False
     assert _evaluate({"Condition": "HasKmsKey"},
                      _parameters(SecretsKmsKeyArn="arn:aws:kms:ap-northeast-1:1:key/x")) is True
