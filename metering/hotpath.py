@@ -41,7 +41,14 @@ from typing import Any, Literal
 import msgspec
 
 from metering.errors import ConfigError, HotPathRejected, HotPathUnavailable
-from metering.records import HostPost, ServicePost, checked_metric, checked_text
+from metering.records import (
+    EARLIEST,
+    LATEST,
+    HostPost,
+    ServicePost,
+    checked_metric,
+    checked_text,
+)
 from metering.settings import Settings
 
 __all__ = [
@@ -96,6 +103,9 @@ def epoch_hour(at: datetime) -> int:
     """``at``'s UTC hour as whole hours since 1970-01-01T00:00:00Z (the ``H`` of the keys)."""
     if at.tzinfo is None:
         raise HotPathRejected(f"instant {at.isoformat()} has no time zone")
+    if not EARLIEST <= at < LATEST:  # ingest's range; record.lua refuses a negative hour
+        raise HotPathRejected(f"instant {at.isoformat()} is not in [{EARLIEST.year}, "
+                              f"{LATEST.year}) (ingest refuses it too)")
     return int(at.timestamp()) // 3600
 
 
