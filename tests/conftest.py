@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from redisservers import RedisCluster, RedisServer, redis_cluster, redis_server
 from sqlalchemy.engine import Engine
 
 from metering import db
-from redisservers import RedisCluster, RedisServer, redis_cluster, redis_server
 
 POSTGRES_URL = os.environ.get("HOSTMETER_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])

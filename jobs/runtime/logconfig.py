@@ -40,7 +40,7 @@ _URL_PASSWORD = re.compile(
     r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s'\"]*):(?P<pw>[^\s'\"]+)@", re.I
 )
 _SECRET_ENV = ("MACKEREL_API_KEY",)
-_SECRET_URL_ENV = ("HOSTMETER_DATABASE_URL",)
+_SECRET_URL_ENV = ("HOSTMETER_DATABASE_URL", "HOSTMETER_REDIS_URL")
 _MIN_SECRET = 4  # shorter values are no secret worth garbling every line for
 
 

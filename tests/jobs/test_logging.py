@@ -48,16 +48,18 @@ def test_the_process_secrets_are_hidden_wherever_they_appear(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MACKEREL_API_KEY", "hm-secret-key-0123456789")
     monkeypatch.setenv("HOSTMETER_DATABASE_URL", "postgresql+psycopg://app:p%40ss-word1@h/db")
+    monkeypatch.setenv("HOSTMETER_REDIS_URL", "rediss://:redis-token-5678@cache.internal:6379/0")
     stream = io.StringIO()
     path = configure_logging(str(tmp_path), stream=stream, secrets=["given-secret-42"])
     log = structlog.get_logger()
     log.warning("export_failed", reason="401 for key hm-secret-key-0123456789",
                 detail=["password p@ss-word1 refused", {"also": "p%40ss-word1"}],
-                extra="given-secret-42")
+                extra="given-secret-42", redis="AUTH redis-token-5678 refused")
     configure_logging(None, stream=io.StringIO())
     assert path is not None
     written = path.read_text() + stream.getvalue()
-    for secret in ("hm-secret-key-0123456789", "p@ss-word1", "p%40ss-word1", "given-secret-42"):
+    for secret in ("hm-secret-key-0123456789", "p@ss-word1", "p%40ss-word1", "given-secret-42",
+                   "redis-token-5678"):
         assert secret not in written
     event = json.loads(path.read_text().splitlines()[-1])
     assert event["reason"] == "401 for key ***" and event["extra"] == "***"
