@@ -44,14 +44,12 @@ def script_cmd(name: str, sha: bool, show_path: bool) -> None:
     Load it into Redis from a shell:
       redis-cli SCRIPT LOAD "$(hostmeter hotpath script)"
     """
-    from importlib import resources
-
-    from metering.hotpath import script, script_sha
+    from metering.hotpath import LUA_DIR, script, script_sha
 
     if sha:
         click.echo(script_sha(name))
     elif show_path:
-        click.echo(str(resources.files("metering").joinpath("lua", f"{name}.lua")))
+        click.echo(str(LUA_DIR / f"{name}.lua"))
     else:
         click.echo(script(name), nl=False)
 
