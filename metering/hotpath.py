@@ -42,6 +42,7 @@ import msgspec
 
 from metering.errors import ConfigError, HotPathRejected, HotPathUnavailable
 from metering.records import (
+    BYTE_LIMITS,
     EARLIEST,
     LATEST,
     HostPost,
@@ -138,6 +139,9 @@ def connect(url: str, *, cluster: bool = False, timeout: float = DEFAULT_TIMEOUT
             from redis.cluster import RedisCluster
 
             return RedisCluster.from_url(url, **options)
+        packer = _ArgumentPacker.made()
+        if packer is not None:  # RedisCluster does not pass it on to its nodes
+            options["command_packer"] = packer
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout, **options)
         return redis.Redis(connection_pool=pool)
@@ -148,6 +152,53 @@ def connect(url: str, *, cluster: bool = False, timeout: float = DEFAULT_TIMEOUT
         # RedisCluster raises RedisClusterUnreachableError, not a RedisError, when no node of
         # the URL answers while it reads the slot map
         raise HotPathUnavailable(f"Redis at {_safe_url(url)} did not answer: {exc}") from None
+
+
+class _ArgumentPacker:
+    """redis-py's command packer with hiredis, without redis-py's Python pass over every
+    argument.
+
+    redis-py encodes each argument in Python (``Encoder.encode``: type checks, then
+    ``str.encode``) before it hands the command to hiredis: about 0.5 µs an argument, some
+    50 µs for a post of 100 names, as long as Redis takes to run ``record.lua`` on it. hiredis
+    encodes ``str`` (UTF-8, strict), ``bytes``, ``int`` and ``float`` (``repr``) itself, in C,
+    to the same bytes; a command with any other argument (hiredis raises ``TypeError``: a
+    ``bool``, ``None``, a ``bytearray``), or whose name holds a space (``SCRIPT LOAD``), goes
+    through redis-py's own packer, unchanged.
+    """
+
+    def __init__(self, fallback: Any, pack_command: Any) -> None:
+        self._fallback = fallback
+        self._pack_command = pack_command
+
+    @classmethod
+    def made(cls) -> _ArgumentPacker | None:
+        """A packer for a connection of redis-py's default encoding (UTF-8, strict, bytes
+        replies: what :func:`connect` makes), or ``None`` without hiredis."""
+        try:
+            import hiredis
+            from redis.connection import (
+                Encoder,
+                HiredisRespSerializer,
+                PythonRespSerializer,
+            )
+            from redis.utils import HIREDIS_AVAILABLE
+        except ImportError:
+            return None
+        if not HIREDIS_AVAILABLE:
+            return None
+        encode = Encoder("utf-8", "strict", False).encode
+        default = HiredisRespSerializer(PythonRespSerializer(6000, encode).pack, encode)
+        return cls(default, hiredis.pack_command)
+
+    def pack(self, *args: Any) -> list[bytes]:
+        command = args[0]
+        if isinstance(command, str) and " " not in command:
+            try:
+                return [self._pack_command(args)]
+            except TypeError:
+                pass
+        return list(self._fallback.pack(*args))
 
 
 def connect_settings(settings: Settings, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
@@ -315,7 +366,7 @@ class PostRecorder:
 
 def _call(post: Post) -> tuple[tuple[str, str, str], list[str]]:
     """``record.lua``'s keys and arguments for ``post`` (its values checked first)."""
-    if not post.metrics or not all(checked_metric(n) for n in post.metrics):
+    if not post.metrics or not _metrics_ok(post.metrics):
         raise HotPathRejected(
             f"post of {post.tenant!r} has no metric names or one that ingest refuses "
             "(1 to 500 bytes of UTF-8 without NUL, not blank)")
@@ -329,6 +380,23 @@ def _call(post: Post) -> tuple[tuple[str, str, str], list[str]]:
         raise HotPathRejected(f"service post of {post.tenant!r}: service {post.service!r} is "
                               "not one ingest accepts")
     return hour_keys(post.tenant, "service", hour), [post.service, "service", *post.metrics]
+
+
+_METRIC_LIMIT = BYTE_LIMITS["metrics"]
+
+
+def _metrics_ok(names: Sequence[str]) -> bool:
+    """``all(checked_metric(n) for n in names)``, with the usual case (ASCII names, each its own
+    size in bytes) checked by a few passes in C instead of a Python call per name."""
+    try:
+        joined = "\n".join(names)
+    except TypeError:  # not all str
+        return False
+    if (joined.isascii() and "\0" not in joined
+            and max(map(len, names), default=0) <= _METRIC_LIMIT
+            and all(map(str.strip, names))):
+        return True
+    return all(checked_metric(n) for n in names)
 
 
 def _as_record(post: Post) -> dict[str, Any]:
