@@ -27,12 +27,17 @@ __all__ = ["bench_command"]
 @click.option("--startup-repeats", type=click.IntRange(0, 100), default=7, show_default=True,
               help="Times each start-up path is run (hostmeter --help, the Lambda handler's "
                    "import, a scheduled run) beside the floor; 0 skips it.")
+@click.option("--redis-url", metavar="URL",
+              help="Redis for the hot-path step (default: HOSTMETER_REDIS_URL; neither: a "
+                   "private redis-server started on a spare loopback port, if one is on PATH, "
+                   "else the step is skipped). A Redis that holds any key is refused (the step "
+                   "is skipped); the keys bench writes are deleted afterwards.")
 @click.option("--startup-only", is_flag=True,
               help="Only time start-up (in a scratch directory); the database is not touched.")
 def bench_command(tier: str, period: str, out_path: Path | None, startup_repeats: int,
-                  startup_only: bool) -> None:
-    """Time start-up, ingest, a month of snapshots and the close on a generated fleet; print
-    JSON.
+                  redis_url: str | None, startup_only: bool) -> None:
+    """Time start-up, ingest, a month of snapshots, the close and the Redis hot path on a
+    generated fleet; print JSON.
 
     \b
     WRITES INTO THE CONFIGURED DATABASE: a synthetic fleet (tenants bench-*),
@@ -60,7 +65,9 @@ def bench_command(tier: str, period: str, out_path: Path | None, startup_repeats
              "--tier medium", EXIT_BAD_INPUT)
     try:
         report = run_bench(state.engine(), state.settings, TIERS[tier], period=period,
-                           progress_factory=progress, startup_repeats=startup_repeats)
+                           progress_factory=progress, startup_repeats=startup_repeats,
+                           redis_url=redis_url or state.settings.redis_url,
+                           redis_cluster=state.settings.redis_cluster)
     except BenchRefused as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     _emit(report.as_dict(), out_path)

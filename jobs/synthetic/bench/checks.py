@@ -1,7 +1,8 @@
 """What the bench checks after timing, and what cannot be faked: the snapshots add up to the
 recorded host-hours, every hour was snapshotted by this run, the fleet was generated as
-planned, every paying tenant was invoiced exactly once, and the invoices add up to what one plain
-SQL statement computes from the snapshots and the catalog."""
+planned, every paying tenant was invoiced exactly once, the invoices add up to what one plain
+SQL statement computes from the snapshots and the catalog, and the hour recorded through the
+Redis hot path reached the database as posted and left Redis."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from metering import models as m
 from metering.db import UTCDateTime
 from metering.timeutil import HOUR
 
-__all__ = ["Check", "expected_totals_sql", "invoice_totals_check", "invoices_check",
-           "run_checks"]
+__all__ = ["Check", "expected_totals_sql", "hot_path_checks", "invoice_totals_check",
+           "invoices_check", "run_checks"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,3 +168,42 @@ def invoice_totals_check(engine: Engine, period: str, start: datetime, end: date
                           "expected_invoices": int(expected_count),
                           "catalog": catalog.version, "hours_in_month": n,
                           "sql": " ".join(sql.split())})
+
+
+def hot_path_checks(
+    engine: Engine, client: Any, *, tenant_prefix: str, hour: datetime, tenants: list[str],
+    host_hours: int, host_metrics: int, posts: int, flushed_posts: int,
+) -> list[Check]:
+    """After the hot path's flush: the database holds, for ``hour`` and the tenants whose key
+    starts with ``tenant_prefix``, exactly the ``host_hours`` rows and the ``host_metrics``
+    distinct names (summed ``metric_count``) that were posted, and the flush counted the
+    ``posts`` sent; Redis (``client``) holds none of the tenants' keys of that hour (released)."""
+    from metering.hotpath import hour_keys
+
+    hh, t = m.host_hours, m.tenants
+    prefix = sa.func.substr(t.c.key, 1, len(tenant_prefix)) == tenant_prefix
+    with engine.connect() as conn:
+        rows, metrics = conn.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(hh.c.metric_count), 0))
+            .select_from(hh.join(t, t.c.id == hh.c.tenant_id))
+            .where(prefix, hh.c.hour == hour)
+        ).one()
+        conn.rollback()
+    epoch_hour = int(hour.timestamp()) // 3600
+    keys = [key for tenant in tenants for key in hour_keys(tenant, "host", epoch_hour)[1:]]
+    keys += [hour_keys(tenant, "service", epoch_hour)[1] for tenant in tenants]
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.exists(key)
+        left = sum(int(n) for n in pipe.execute())
+    as_posted = (int(rows) == host_hours and int(metrics) == host_metrics
+                 and flushed_posts == posts)
+    return [
+        Check(name="hot_path_flushed_as_posted", ok=as_posted,
+              details={"hour": hour.isoformat(), "host_hours_posted": host_hours,
+                       "host_hours_in_database": int(rows), "metrics_posted": host_metrics,
+                       "metrics_in_database": int(metrics), "posts_sent": posts,
+                       "posts_flushed": flushed_posts}),
+        Check(name="hot_path_hours_released", ok=left == 0,
+              details={"tenant_hours": len(tenants), "keys_left_in_redis": left}),
+    ]

@@ -28,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jobs.runtime.errors import JobError
 
-__all__ = ["ParallelTiming", "PostsFile", "PostsTiming", "parse_floor", "time_ingest_file",
-           "time_parallel", "write_posts"]
+__all__ = ["Agent", "ParallelTiming", "PostsFile", "PostsTiming", "agents", "parse_floor",
+           "posted_names", "time_ingest_file", "time_parallel", "write_posts"]
 
 _BASE = ("loadavg1", "loadavg5", "loadavg15", "cpu.user.percentage", "cpu.system.percentage",
          "cpu.iowait.percentage", "memory.used", "memory.free", "memory.cached",
@@ -59,37 +59,74 @@ def _names(host: int, count: int) -> list[str]:
                           for i in range(count - len(_BASE))]
 
 
-def write_posts(path: Path, *, tenants: int, hosts: int, start: datetime, hours: int,
-                metrics_per_post: int = 100, prefix: str = "bench-post",
-                part: tuple[int, int] | None = None) -> PostsFile:
-    """Write every host's post for every minute of ``hours`` hours from ``start``; with
-    ``part=(i, n)`` only the hosts of the tenants numbered ``t`` with ``t % n == i``."""
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """One host's agent in a generated fleet: its tenant, host, kind and the names it posts
+    from (:func:`posted_names` picks a minute's)."""
+
+    tenant: str
+    host: str
+    kind: str
+    pool: list[str]
+
+
+def agents(*, tenants: int, hosts: int, metrics_per_post: int = 100,
+           prefix: str = "bench-post", part: tuple[int, int] | None = None) -> list[Agent]:
+    """The fleet: host ``n`` is ``<prefix>-h<n>``; the first ``tenants`` hosts each go to their
+    own tenant ``<prefix>-t<n>``, the rest to skewed tenants (low numbers are big); one in four
+    hosts is ``micro``. With ``part=(i, n)`` only the hosts of the tenants numbered ``t`` with
+    ``t % n == i``. Hosts with the same name pool share one list."""
     steady = metrics_per_post * 9 // 10
-    rotating = metrics_per_post - steady
+    count = steady + 3 * (metrics_per_post - steady)
+    pools: dict[int, list[str]] = {}
     fleet = []
     for n in range(hosts):
         # skew: host n goes to tenant ⌊t·(n/hosts)²⌋, so low tenants are big
         t = min(tenants - 1, int(tenants * (n / hosts) ** 2)) if n >= tenants else n
         if part is not None and t % part[1] != part[0]:
             continue
-        kind = "micro" if n % 4 == 3 else "standard"
-        pool = _names(n, steady + 3 * rotating)
-        fleet.append((f"{prefix}-t{t}", f"{prefix}-h{n}", kind, pool))
+        pool = pools.get(n % 11)
+        if pool is None:
+            pool = pools[n % 11] = _names(n, count)
+        fleet.append(Agent(f"{prefix}-t{t}", f"{prefix}-h{n}",
+                           "micro" if n % 4 == 3 else "standard", pool))
+    return fleet
+
+
+_T = TypeVar("_T")
+
+
+def posted_names(pool: list[_T], minute: int, metrics_per_post: int = 100) -> list[_T]:
+    """The names an agent posts at ``minute``: 90 % the same every minute, the rest rotating
+    through the pool (so some posts add names to their hour and most do not)."""
+    steady = metrics_per_post * 9 // 10
+    rotating = metrics_per_post - steady
+    r = steady + (minute * rotating) % (2 * rotating)
+    return pool[:steady] + pool[r : r + rotating]
+
+
+def write_posts(path: Path, *, tenants: int, hosts: int, start: datetime, hours: int,
+                metrics_per_post: int = 100, prefix: str = "bench-post",
+                part: tuple[int, int] | None = None) -> PostsFile:
+    """Write every host's post for every minute of ``hours`` hours from ``start``; with
+    ``part=(i, n)`` only the hosts of the tenants numbered ``t`` with ``t % n == i``
+    (:func:`agents`)."""
+    fleet = agents(tenants=tenants, hosts=hosts, metrics_per_post=metrics_per_post,
+                   prefix=prefix, part=part)
     observations = lines = 0
     with path.open("w", encoding="utf-8") as f:
         for minute in range(hours * 60):
             at = (start + timedelta(minutes=minute, seconds=7)).isoformat()
-            r = steady + (minute * rotating) % (2 * rotating)
-            for tenant, host, kind, pool in fleet:
-                metrics = pool[:steady] + pool[r : r + rotating]
-                f.write(json.dumps({"type": "host_post", "tenant": tenant, "host": host,
-                                    "kind": kind, "at": at, "metrics": metrics},
+            for a in fleet:
+                metrics = posted_names(a.pool, minute, metrics_per_post)
+                f.write(json.dumps({"type": "host_post", "tenant": a.tenant, "host": a.host,
+                                    "kind": a.kind, "at": at, "metrics": metrics},
                                    separators=(",", ":")))
                 f.write("\n")
                 observations += len(metrics)
                 lines += 1
     return PostsFile(path=path, lines=lines, observations=observations,
-                     bytes=path.stat().st_size, tenants=len({t for t, _, _, _ in fleet}),
+                     bytes=path.stat().st_size, tenants=len({a.tenant for a in fleet}),
                      hosts=len(fleet), hours=hours)
 
 

@@ -22,6 +22,7 @@ from jobs.synthetic.bench.generate import (
     generate_fleet,
     table_counts,
 )
+from jobs.synthetic.bench.hotpath import HotPathReport, time_hot_path
 from jobs.synthetic.bench.measure import (
     CloseTiming,
     IngestTiming,
@@ -43,7 +44,7 @@ from jobs.synthetic.bench.tiers import DEFAULT_PERIOD, BenchTier, Progress, no_p
 from metering import db
 from metering import models as m
 from metering.settings import Settings
-from metering.timeutil import HOUR, hours_between, month_bounds
+from metering.timeutil import HOUR, floor_hour, hours_between, month_bounds
 
 __all__ = ["BenchReport", "run_bench"]
 
@@ -71,6 +72,7 @@ class BenchReport:
     posts: PostsTiming | None = None
     parallel: ParallelTiming | None = None
     parallel_note: str | None = None
+    hot_path: HotPathReport | None = None
     fill_s: float | None = None
     peak_rss_mib: dict[str, float | None] = field(default_factory=dict)
     start_rss_mib: dict[str, float | None] = field(default_factory=dict)
@@ -106,6 +108,7 @@ class BenchReport:
             "ingest_parallel": (self.parallel.as_dict() if self.parallel
                                 else {"skipped": self.parallel_note}),
             "snapshot": self.snapshot.as_dict(),
+            "hot_path": self.hot_path.as_dict() if self.hot_path else None,
             "month_filled_s": round(self.fill_s, 3) if self.fill_s is not None else None,
             "peak_rss_mib": {**self.peak_rss_mib,
                              "ingest_file": self.posts.ingest.peak_rss_mib if self.posts else None,
@@ -161,10 +164,13 @@ def run_bench(
     period: str = DEFAULT_PERIOD,
     progress_factory: Progress = no_progress,
     startup_repeats: int = 0,
+    redis_url: str | None = None,
+    redis_cluster: bool = False,
 ) -> BenchReport:
     """Generate ``tier``'s fleet in ``engine``'s database, time ingest and snapshots, check;
-    with ``startup_repeats``, then time the entry points' start-up
-    (:mod:`jobs.synthetic.bench.startup`).
+    then the Redis hot path (:mod:`jobs.synthetic.bench.hotpath`: ``redis_url``, or a private
+    ``redis-server``; skipped, with the reason, when there is none); with ``startup_repeats``,
+    then time the entry points' start-up (:mod:`jobs.synthetic.bench.startup`).
 
     Raises :class:`BenchRefused` (nothing written) when the database holds non-bench tenants.
     """
@@ -208,6 +214,14 @@ def run_bench(
             close = time_close(engine, settings, period)
         measured("close", peak)
         checks.append(invoices_check(engine, period, start, end, close))
+    # the hot path records an hour after the month: no snapshot or invoice above reads it
+    with PeakRSS() as peak:
+        hot_path = time_hot_path(engine, tier, floor_hour(month_end) + HOUR,
+                                 redis_url=redis_url, cluster=redis_cluster,
+                                 progress_factory=progress_factory)
+    if hot_path.timing is not None:
+        measured("hot_path", peak)
+    checks.extend(hot_path.checks)
     with engine.connect() as conn:
         counts = table_counts(conn)
         us, hh = m.usage_snapshots, m.host_hours
@@ -226,7 +240,8 @@ def run_bench(
         server_version=_server_version(engine), start=start, end=end, generated=generated,
         ingest=ingest, ingest_single=single, snapshot=snapshot, close=close, checks=checks,
         database_counts=counts, startup=startup, posts=posts, parallel=parallel,
-        parallel_note=parallel_note, fill_s=fill_s, peak_rss_mib=rss, start_rss_mib=rss_start,
+        parallel_note=parallel_note, hot_path=hot_path, fill_s=fill_s, peak_rss_mib=rss,
+        start_rss_mib=rss_start,
     )
     structlog.get_logger("hostmeter.bench").info(
         "bench_finished", tier=tier.name, backend=report.backend, ok=report.ok,

@@ -69,6 +69,14 @@ class BenchTier:
     parse (:mod:`jobs.synthetic.bench.posts`): every one of ``file_hosts`` hosts (over
     ``file_tenants`` skewed tenants) posts every minute for ``file_hours`` hours."""
     file_hours: int = 1
+    hot_hosts: int = 0
+    """Hosts that post a whole hour (one post a minute, :mod:`jobs.synthetic.bench.posts`'s
+    names) through the Redis hot path (:mod:`jobs.synthetic.bench.hotpath`); 0: no hot path."""
+    hot_tenants: int = 1
+    hot_single_posts: int = 1000
+    """The hour's last posts, sent one call (one round trip) each; the rest are pipelined."""
+    hot_direct_posts: int = 200
+    """Posts through today's direct path (one transaction each), the hot path's baseline."""
     fill_month: bool = False
     """Snapshot only the first ``hours`` hours of recorded usage, then copy that day's
     snapshots over the rest of the month, so that the close runs on a whole month without a
@@ -87,11 +95,13 @@ TIERS: dict[str, BenchTier] = {
         name="small", tenants=20, hosts=200, ingest_tenants=2, ingest_hosts_per_tenant=5,
         ingest_hours=4, ingest_posts_per_host_hour=50, posts_per_call=500, single_posts=50,
         file_tenants=10, file_hosts=100,
+        hot_tenants=100, hot_hosts=2_000, hot_single_posts=2_000, hot_direct_posts=200,
     ),
     "medium": BenchTier(
         name="medium", tenants=2_000, hosts=30_000, ingest_tenants=5, ingest_hosts_per_tenant=20,
         ingest_hours=10, ingest_posts_per_host_hour=50, posts_per_call=1000, single_posts=500,
         file_tenants=100, file_hosts=1_000,
+        hot_tenants=1_000, hot_hosts=20_000, hot_single_posts=5_000, hot_direct_posts=500,
     ),
     # The size of the service hostmeter models: 20,000 tenants, 300,000 hosts (tenant 1 has
     # ~2,000 of them). A day of host_hours (7.2 M rows) is snapshotted; the month is filled
@@ -101,6 +111,7 @@ TIERS: dict[str, BenchTier] = {
         ingest_tenants=5, ingest_hosts_per_tenant=20, ingest_hours=10,
         ingest_posts_per_host_hour=50, posts_per_call=1000, single_posts=500,
         file_tenants=500, file_hosts=5_000,
+        hot_tenants=5_000, hot_hosts=100_000, hot_single_posts=5_000, hot_direct_posts=500,
     ),
 }
 
