@@ -569,3 +569,57 @@ def test_a_tenants_keys_share_one_slot_and_tenants_spread_over_the_nodes(
         keys = [*hour_keys(tenant, "host", HOUR_NO), *hour_keys(tenant, "service", HOUR_NO)]
         slots = {redis_cli(node.port, "CLUSTER", "KEYSLOT", k)[0] for k in keys}
         assert slots == {str(key_slot(tenant.encode()))}, tenant
+
+
+def _cluster_ok(cluster: RedisCluster) -> None:
+    deadline = time.monotonic() + 30
+    while not all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in cluster.nodes):
+        assert time.monotonic() < deadline, "the cluster did not come back"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_cluster_node_down_spools_only_the_posts_of_its_tenants(
+    redis_cluster_3: RedisCluster, engine: Engine, twin: tuple[Engine, str], tmp_path: Path
+) -> None:
+    """One primary stops: posts of the tenants it holds are spooled, the others recorded; a
+    flush fails as a whole (it cannot see every tenant-hour) and writes nothing. Once the node
+    is back (empty: what it held had been flushed), flushing and ingesting the spool equal
+    ingesting every post."""
+    f = fleet(minutes=4)
+    posts = list(f.posts)
+    half = len(posts) // 2
+    spool = tmp_path / "spool.jsonl"
+    recorder = PostRecorder.from_url(redis_cluster_3.url, cluster=True, timeout=0.2,
+                                     spool=spool)
+    client = connect(redis_cluster_3.url, cluster=True, timeout=0.2)
+    record_all(recorder, posts[:half])
+    flush_usage(engine, client, release_before=None)
+    [down] = [n for n in redis_cluster_3.nodes
+              if redis_cli(n.port, "EXISTS", "hm:{stark}:dict:host") == ["1"]]
+    on_down = {t for t in f.tenants
+               if redis_cli(down.port, "EXISTS", hour_keys(t, "host", 0)[0]) == ["1"]
+               or redis_cli(down.port, "EXISTS", hour_keys(t, "service", 0)[0]) == ["1"]}
+    before = full_dump(engine)
+    down.stop()
+    try:
+        outcomes = {(p.tenant, recorder.record(p)) for p in posts[half:]}
+        assert {t for t, how in outcomes if how == "spooled"} == on_down
+        assert {t for t, how in outcomes if how == "recorded"} == set(f.tenants) - on_down
+        with pytest.raises(HotPathUnavailable):
+            flush_usage(engine, client, release_before=None)
+        assert full_dump(engine) == before
+    finally:
+        down.start()
+        _cluster_ok(redis_cluster_3)
+    recorder.close()
+    client.close()
+    client = connect(redis_cluster_3.url, cluster=True, timeout=5)
+    try:
+        flush_usage(engine, client, release_before=None)
+    finally:
+        client.close()
+    ingest_lines(engine, spool.read_text("utf-8").splitlines())
+    other, _ = twin
+    ingest_lines(other, [ingest_line(p) for p in posts])
+    assert recorded(engine) == recorded(other)
