@@ -183,9 +183,10 @@ def ingest_line(record: Post | PlanChange) -> str:
 
 def _quoted(text: str) -> bytes:
     """One argument of a redis-cli command line: in double quotes, every byte that is not plain
-    printable ASCII as ``\\xHH`` (redis-cli's own escapes)."""
+    printable ASCII as ``\\xHH`` (redis-cli's own escapes). Lone surrogates ``\\udcHH`` stand
+    for the raw byte ``HH`` (``surrogateescape``), so a test can send bytes that are not UTF-8."""
     out = bytearray(b'"')
-    for byte in text.encode("utf-8"):
+    for byte in text.encode("utf-8", "surrogateescape"):
         if 0x20 < byte < 0x7F and byte not in b'"\\':
             out.append(byte)
         else:

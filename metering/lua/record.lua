@@ -41,15 +41,58 @@ if postskey ~= prefix .. ':posts:' .. hour then
   return redis.error_reply('hostmeter: KEYS[3] must be ' .. prefix .. ':posts:' .. hour)
 end
 
-local function bad_name(s, limit)
-  -- the checks of ingest: 1..limit bytes, not blank, no NUL
-  return #s == 0 or #s > limit or string.find(s, '\0', 1, true) ~= nil
-    or string.find(s, '[^ \t\n\r\f\v]') == nil
+-- The checks of ingest (metering/records.py): 1..limit bytes of valid UTF-8, no NUL, not only
+-- whitespace (Python's str.isspace: ASCII blanks, \28-\31, and the Unicode spaces below).
+-- A value is checked when it is new (a name new to the dictionary, a host new to the hour):
+-- what the dictionary and the hour already hold passed these checks when it entered.
+local function valid_utf8(s)
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    if c < 0x80 then
+      i = i + 1
+    elseif c >= 0xC2 and c <= 0xDF then
+      local c2 = string.byte(s, i + 1)
+      if not c2 or c2 < 0x80 or c2 > 0xBF then return false end
+      i = i + 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      local c2, c3 = string.byte(s, i + 1, i + 2)
+      if not c3 or c3 < 0x80 or c3 > 0xBF then return false end
+      local lo, hi = 0x80, 0xBF
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end  -- overlong, surrogates
+      if c2 < lo or c2 > hi then return false end
+      i = i + 3
+    elseif c >= 0xF0 and c <= 0xF4 then
+      local c2, c3, c4 = string.byte(s, i + 1, i + 3)
+      if not c4 or c3 < 0x80 or c3 > 0xBF or c4 < 0x80 or c4 > 0xBF then return false end
+      local lo, hi = 0x80, 0xBF
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end  -- overlong, > U+10FFFF
+      if c2 < lo or c2 > hi then return false end
+      i = i + 4
+    else
+      return false
+    end
+  end
+  return true
+end
+
+local SPACES = {'[ \t\n\v\f\r\28-\31]', '\194[\133\160]', '\225\154\128', '\226\128[\128-\138]',
+                '\226\128[\168\169\175]', '\226\129\159', '\227\128\128'}
+local function blank(s)
+  for _, space in ipairs(SPACES) do
+    s = string.gsub(s, space, '')
+  end
+  return #s == 0
+end
+
+local function bad_text(s, limit)
+  return s == nil or #s == 0 or #s > limit or string.find(s, '\0', 1, true) ~= nil
+    or not valid_utf8(s) or blank(s)
 end
 
 local field, kind = ARGV[1], ARGV[2]
-if field == nil or bad_name(field, 255) then
-  return redis.error_reply('hostmeter: ARGV[1] (host or service) must be 1 to 255 bytes, not blank, without NUL')
+if field == nil then
+  return redis.error_reply('hostmeter: ARGV[1] must be the host or service')
 end
 local flag
 if ns == 'host' then
@@ -60,43 +103,55 @@ end
 if flag == nil then
   return redis.error_reply('hostmeter: ARGV[2] must be standard or micro for host keys, service for service keys')
 end
-local n = #ARGV - 2
-if n < 1 then
+if #ARGV < 3 then
   return redis.error_reply('hostmeter: a post needs at least one metric name')
 end
-for i = 3, #ARGV do
-  if bad_name(ARGV[i], 500) then
-    return redis.error_reply('hostmeter: metric name ' .. (i - 2) .. ' must be 1 to 500 bytes, not blank, without NUL')
-  end
-end
 
--- names -> ids; new names get the next dense ids of the tenant's dictionary
+-- names -> ids (false: new to the tenant's dictionary, checked here before anything is written)
 local ids = {}
-local size = nil
 local CHUNK = 1000
 for first = 3, #ARGV, CHUNK do
   local last = math.min(first + CHUNK - 1, #ARGV)
   local got = redis.call('HMGET', dict, unpack(ARGV, first, last))
   for j = 1, #got do
     local id = got[j]
-    if id then
-      ids[#ids + 1] = tonumber(id)
-    else
-      local name = ARGV[first + j - 1]
-      id = redis.call('HGET', dict, name)  -- the same new name twice in one post
-      if not id then
-        if size == nil then size = redis.call('HLEN', dict) end
-        id = size
-        size = size + 1
-        redis.call('HSET', dict, name, id)
-      end
-      ids[#ids + 1] = tonumber(id)
+    if not id and bad_text(ARGV[first + j - 1], 500) then
+      return redis.error_reply('hostmeter: metric name ' .. (first + j - 3) .. ' must be 1 to 500 bytes of UTF-8, not blank, without NUL')
     end
+    ids[first + j - 3] = id and tonumber(id) or false
+  end
+end
+
+local old = redis.call('HGET', hourkey, field)
+if not old then  -- the first post of this host (or service) in the hour
+  if bad_text(field, 255) then
+    return redis.error_reply('hostmeter: ARGV[1] (host or service) must be 1 to 255 bytes of UTF-8, not blank, without NUL')
+  end
+  local tenant = string.sub(prefix, 5, -2)
+  if bad_text(tenant, 200) then
+    return redis.error_reply('hostmeter: the tenant in the keys must be 1 to 200 bytes of UTF-8, not blank, without NUL')
+  end
+end
+
+-- new names get the next dense ids of the dictionary (a name twice in one post: one id)
+local size = nil
+local fresh = {}
+for k = 1, #ids do
+  if not ids[k] then
+    local name = ARGV[k + 2]
+    local id = fresh[name]
+    if id == nil then
+      if size == nil then size = redis.call('HLEN', dict) end
+      id = size
+      size = size + 1
+      redis.call('HSET', dict, name, id)
+      fresh[name] = id
+    end
+    ids[k] = id
   end
 end
 
 -- OR the ids (and the kind's flag) into the field's value
-local old = redis.call('HGET', hourkey, field)
 local bytes = {}
 if old then
   for first = 1, #old, 4000 do

@@ -362,6 +362,24 @@ SCRIPT_REFUSES = [  # (keys and arguments of one EVALSHA … 3, what the error n
                   "new", LONG_501], "metric name 2", id="name-over-500-bytes"),
     pytest.param(["hm:{acme}:dict:host", "hm:{acme}:host:5", "hm:{acme}:posts:5", "h", "standard",
                   EURO_501], "metric name 1", id="name-of-167-chars-and-501-bytes"),
+    # what Python's str.strip() and UTF-8 decoding refuse in ingest, refused here too
+    pytest.param(["hm:{acme}:dict:host", "hm:{acme}:host:5", "hm:{acme}:posts:5", "h", "standard",
+                  "ok", "\u3000\u00a0\u2009"], "metric name 2", id="name-of-unicode-spaces"),
+    pytest.param(["hm:{acme}:dict:host", "hm:{acme}:host:5", "hm:{acme}:posts:5", "h", "standard",
+                  "\x1c\x1f"], "metric name 1", id="name-of-separators"),
+    pytest.param(["hm:{acme}:dict:host", "hm:{acme}:host:5", "hm:{acme}:posts:5", "h", "standard",
+                  "cpu\udcff"], "metric name 1", id="name-not-utf8"),  # argv byte 0xff
+    pytest.param(["hm:{acme}:dict:host", "hm:{acme}:host:5", "hm:{acme}:posts:5", "h", "standard",
+                  "\udced\udca0\udc80"], "metric name 1", id="name-utf8-surrogate"),
+    pytest.param(["hm:{acme}:dict:host", "hm:{acme}:host:5", "hm:{acme}:posts:5", "\u3000",
+                  "standard", "a"], "ARGV[1]", id="host-of-an-ideographic-space"),
+    pytest.param(["hm:{acme}:dict:host", "hm:{acme}:host:5", "hm:{acme}:posts:5", "h\udcc0\udcaf",
+                  "standard", "a"], "ARGV[1]", id="host-overlong-utf8"),
+    pytest.param([f"hm:{{{'t' * 201}}}:dict:host", f"hm:{{{'t' * 201}}}:host:5",
+                  f"hm:{{{'t' * 201}}}:posts:5", "h", "standard", "a"], "tenant",
+                 id="tenant-over-200-bytes"),
+    pytest.param(["hm:{\u3000}:dict:host", "hm:{\u3000}:host:5", "hm:{\u3000}:posts:5", "h",
+                  "standard", "a"], "tenant", id="blank-tenant"),
 ]
 
 
