@@ -100,7 +100,7 @@ def held_hours(client: Any) -> dict[str, set[int]]:
                 if not sep or not hour.isdigit() or not head.startswith(KEY_PREFIX + "{"):
                     continue
                 held.setdefault(head[len(KEY_PREFIX) + 1:], set()).add(int(hour))
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise HotPathUnavailable(f"Redis did not answer: {exc}") from None
     return held
 
@@ -200,7 +200,7 @@ def flush_usage(
                     pipe.hgetall(f"{tag}:dict:host")
                     pipe.hgetall(f"{tag}:dict:service")
                 dicts = pipe.execute()
-        except redis.RedisError as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise HotPathUnavailable(f"Redis did not answer the flush: {exc}") from None
         dictionaries = {
             t: ({int(v): _text(k) for k, v in dicts[2 * i].items()},
@@ -271,7 +271,7 @@ def flush_usage(
             try:
                 gone = pipelined(client, "release_hour",
                                  [(_keys(t, h), (posts,)) for (t, h), posts in releasable])
-            except redis.RedisError as exc:
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
                 raise HotPathUnavailable(
                     f"Redis did not answer the flush after the commit (the hours are in the "
                     f"database; the next flush merges them again, adding nothing): {exc}"

@@ -354,8 +354,8 @@ class PostRecorder:
 
         if isinstance(exc, redis.ResponseError) and "hostmeter:" in str(exc):
             raise HotPathRejected(str(exc)) from None  # the script refused the values
-        if not isinstance(exc, redis.RedisError):
-            raise exc
+        if not isinstance(exc, redis.RedisError | redis.exceptions.RedisClusterException):
+            raise exc  # not Redis failing: a bug to see, not a post to spool
         if self.spool is None:
             raise HotPathUnavailable(f"Redis did not take the post: {exc}") from None
         self.spool.append(_as_record(p) for p in posts)

@@ -86,7 +86,7 @@ def status_cmd(fmt: str) -> None:
         for node in nodes:
             conn = client if node is None else client.get_redis_connection(node)
             used += int(conn.info("memory")["used_memory"])
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise HotPathUnavailable(f"Redis did not answer: {exc}") from None
     finally:
         client.close()
