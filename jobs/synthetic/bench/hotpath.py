@@ -21,9 +21,11 @@ its goal:
 - **flush**: :func:`metering.flush.flush_usage` of the hour into the tier's database, released
   from Redis in the same call (``release_before`` after the hour); observations per second are
   the metric names the flushed posts carried (posts × names, the unit of the ingest figures),
-  also host-hours and distinct bits per second. Its floor: the hour's hashes read back with one
-  pipelined ``HGETALL`` each, and as many rows (tenant, host, hour, kind, count, bitmap) written
-  into a temporary table with one ``executemany``.
+  also host-hours and distinct bits per second. It is the fleet's first hour in the database:
+  the flush creates the tenants, hosts and dictionaries too (a later hour only merges). Its
+  floor: the hour's hashes read back with one pipelined ``HGETALL`` each, and as many rows
+  (tenant, host, hour, kind, count, bitmap) written into a temporary table with one
+  ``executemany``.
 
 Then it checks (:func:`jobs.synthetic.bench.checks.hot_path_checks`) that the database holds the
 hour exactly as posted and Redis no longer holds it.
@@ -350,7 +352,8 @@ class HotPathTiming:
             "flush": {
                 "seconds": round(self.flush_s, 3),
                 "what": "flush_usage of the hour into the database, released from Redis in "
-                        "the same call",
+                        "the same call; the fleet's first hour there, so the flush also "
+                        "creates its tenants, hosts and database dictionaries",
                 "observations": self.observations,
                 "observations_per_s": (round(self.observations / self.flush_s)
                                        if self.flush_s else None),
