@@ -1,31 +1,38 @@
 """Job logs → job metrics: the ``aggregate-job-logs`` job and the store behind the exporters.
 
-1. **Read incrementally.** Each JSON-lines log file is read from its checkpoint
-   (``log_checkpoints``: device, inode, a hash of the first line, byte offset). A rotated or
-   replaced file (other identity) or a truncated one (shorter than the offset) is read from the
-   start; an unfinished last line is left for the next pass. Lines that are not JSON objects are
-   counted as malformed, never fatal.
+1. **Read incrementally, in a stream.** Each JSON-lines log file is read from its checkpoint
+   (``log_checkpoints``: device, inode, a hash of the first line, byte offset) in blocks of
+   :data:`READ_BLOCK` bytes, never whole. A rotated or replaced file (other identity) or a
+   truncated one (shorter than the offset) is read from the start; an unfinished last line is
+   left for the next pass. Lines that are not JSON objects are counted as malformed, never
+   fatal. Each line is checked with msgspec, which validates the whole line but builds nothing
+   of it; only ``job_finished`` lines are decoded into a dict.
 2. **Keep runs.** Every ``job_finished`` event becomes a ``log_runs`` row keyed by its run id,
-   so reading the same line twice (after a rotation, say) adds nothing.
-3. **Bucket with pandas.** ``job_metrics`` is recomputed from ``log_runs`` in 5-minute buckets:
-   runs by job and status, run duration, tenants expected / processed / failed, hosts and
-   metrics counted, hours snapshotted, invoices written, billed units and amount, plus the
-   malformed-line counter.
+   so reading the same line twice (after a rotation, say) adds nothing. Rows are written
+   :data:`RUN_BATCH` at a time as the stream goes.
+3. **Recompute only what is new.** ``job_metrics`` holds 5-minute buckets: runs by job and
+   status, run duration, tenants expected / processed / failed, hosts and metrics counted,
+   hours snapshotted, invoices written, billed units and amount, plus the malformed-line
+   counter. A pass recomputes exactly the buckets its new runs fall in, from ``log_runs`` (so a
+   bucket is always the sum of its runs, whichever pass read them), streaming those runs; a
+   pass that reads nothing new recomputes nothing, whatever the history.
 
-Checkpoint, runs and metrics of one pass are written in one transaction.
+Checkpoint, runs and metrics of one pass are written in one transaction, and passes take turns
+(PostgreSQL: a transaction-scoped advisory lock; SQLite: ``BEGIN IMMEDIATE``), so two passes at
+once read each line once between them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection, Engine
@@ -47,9 +54,6 @@ from metering.db import insert_ignore, reading, upsert
 from metering.report import coverage
 from metering.timeutil import month_bounds
 
-if TYPE_CHECKING:  # pandas is imported where metrics are computed, not with this module
-    import pandas as pd
-
 __all__ = [
     "BUCKET",
     "AggregateResult",
@@ -64,6 +68,11 @@ __all__ = [
 ]
 
 BUCKET = timedelta(minutes=5)
+READ_BLOCK = 1 << 20
+"""Bytes of a log file read at a time."""
+RUN_BATCH = 2_000
+"""``log_runs`` rows written at a time."""
+AGGREGATE_LOCK_KEY = 0x686D5F616767  # "hm_agg": pg_advisory_xact_lock of one pass
 MALFORMED = "hostmeter.logs.malformed_lines"
 OVERDUE = "hostmeter.job.runs_overdue"
 """Runs still ``running`` past their ledger deadline, per job, read from the run ledger (not
@@ -149,28 +158,75 @@ def _run_row(event: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+class _Probe(msgspec.Struct):
+    """What a log line is checked against: a JSON object (any fields; ``event`` read if it is
+    there). Decoding validates the whole line and builds none of its other values."""
+
+    event: Any = None
+
+
+_probe = msgspec.json.Decoder(_Probe).decode
+_object = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class _Lines:
+    """Counts of the lines a pass has read, and its new ``job_finished`` rows as they come."""
+
+    def __init__(self, sink: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+        self.lines = 0
+        self.malformed = 0
+        self.runs: list[dict[str, Any]] = []
+        self.sink = sink
+
+    def feed(self, raw_lines: Iterable[bytes | str]) -> None:
+        probe, decode, runs = _probe, _object, self.runs
+        for raw in raw_lines:
+            if not raw.strip():
+                continue
+            self.lines += 1
+            try:
+                event = probe(raw).event
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self.malformed += 1
+                continue
+            if event != "job_finished":
+                continue
+            row = _run_row(decode(raw))
+            if row is not None:
+                runs.append(row)
+                if self.sink is not None and len(runs) >= RUN_BATCH:
+                    self.flush()
+
+    def flush(self) -> None:
+        if self.sink is not None and self.runs:
+            self.sink(self.runs)
+            self.runs = []
+
+
 def parse_lines(raw_lines: Iterable[bytes | str]) -> tuple[list[dict[str, Any]], int, int]:
     """JSON log lines → (``log_runs`` rows of the ``job_finished`` events, lines, malformed).
 
     Blank lines are not counted; a line that is not a JSON object is counted as malformed."""
-    runs: list[dict[str, Any]] = []
-    lines = malformed = 0
-    for raw in raw_lines:
-        if not raw.strip():
-            continue
-        lines += 1
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            malformed += 1
-            continue
-        if not isinstance(event, dict):
-            malformed += 1
-            continue
-        row = _run_row(event)
-        if row is not None:
-            runs.append(row)
-    return runs, lines, malformed
+    lines = _Lines()
+    lines.feed(raw_lines)
+    return lines.runs, lines.lines, lines.malformed
+
+
+def _complete_lines(f: Any, stop: int) -> Iterator[tuple[list[bytes], int]]:
+    """The complete lines of ``f`` from where it stands, a block at a time: (lines, bytes they
+    span). An unfinished last line (no newline before ``stop``) is not yielded."""
+    rest = b""
+    left = stop - f.tell()
+    while left > 0:
+        block = f.read(min(READ_BLOCK, left))
+        if not block:
+            break
+        left -= len(block)
+        data = rest + block
+        end = data.rfind(b"\n") + 1
+        if end:
+            yield data[:end].splitlines(), end
+        rest = data[end:]
 
 
 def _checkpoint(conn: Connection, key: str) -> Any:
@@ -188,9 +244,9 @@ def _save_checkpoint(conn: Connection, key: str, previous: Any, *, device: int, 
     }], key=["path"], update=["device", "inode", "head", "offset", "malformed", "updated_at"])
 
 
-def _read_new_lines(conn: Connection, path: Path, now: datetime) -> tuple[list[dict[str, Any]],
-                                                                          int, int]:
-    """New complete lines of ``path`` since its checkpoint → (runs, lines, malformed)."""
+def _read_new_lines(conn: Connection, path: Path, now: datetime, lines: _Lines) -> None:
+    """Feed ``path``'s new complete lines since its checkpoint to ``lines``, then move the
+    checkpoint past them (with the malformed lines they held)."""
     st = path.stat()
     key = str(path.resolve())
     cp = _checkpoint(conn, key)
@@ -199,14 +255,14 @@ def _read_new_lines(conn: Connection, path: Path, now: datetime) -> tuple[list[d
     if cp is not None and (cp["device"], cp["inode"], cp["head"]) == (st.st_dev, st.st_ino,
                                                                      head):
         offset = cp["offset"] if cp["offset"] <= st.st_size else 0  # shrank: truncated
+    malformed = lines.malformed
     with path.open("rb") as f:
         f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1  # leave an unfinished last line for the next pass
-    runs, lines, malformed = parse_lines(data[:end].splitlines())
+        for block, size in _complete_lines(f, st.st_size):
+            lines.feed(block)
+            offset += size
     _save_checkpoint(conn, key, cp, device=st.st_dev, inode=st.st_ino, head=head,
-                     offset=offset + end, malformed=malformed, now=now)
-    return runs, lines, malformed
+                     offset=offset, malformed=lines.malformed - malformed, now=now)
 
 
 def store_log_group(conn: Connection, batch: LogGroupBatch, *, now: datetime
@@ -226,43 +282,84 @@ def store_log_group(conn: Connection, batch: LogGroupBatch, *, now: datetime
     return runs, lines, malformed
 
 
-def _metric_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
-    """Bucketed metrics from the runs table (pure: a DataFrame in, rows out)."""
-    import pandas as pd
-
-    if runs.empty:
-        return []
-    runs = runs.assign(bucket=runs["finished_at"].map(_floor))
-    out: list[dict[str, Any]] = []
-    for (bucket, job, status), n in runs.groupby(["bucket", "job", "status"]).size().items():
-        out.append({"name": "hostmeter.job.runs", "bucket": bucket, "job": job,
-                    "status": status, "value": Decimal(int(n))})
-    for (bucket, job), seconds in runs.groupby(["bucket", "job"])["duration_s"].max().items():
-        out.append({"name": "hostmeter.job.duration_seconds", "bucket": bucket, "job": job,
-                    "status": "", "value": Decimal(str(round(float(seconds), 6)))})
-    counts = pd.json_normalize(list(runs["counts"])).set_index(runs.index)
-    for name, field in COUNT_METRICS.items():
-        if field not in counts:
-            continue
-        values = pd.to_numeric(counts[field], errors="coerce")
-        frame = runs[["bucket", "job"]].assign(v=values).dropna(subset=["v"])
-        for (bucket, job), total in frame.groupby(["bucket", "job"])["v"].sum().items():
-            out.append({"name": name, "bucket": bucket, "job": job, "status": "",
-                        "value": Decimal(str(total))})
-    return out
+def _number(value: Any) -> Decimal | None:
+    """A count of a ``job_finished`` line as a number (what pandas' ``to_numeric`` took)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = Decimal(str(value).strip())
+    except ArithmeticError:
+        return None
+    return number if number.is_finite() else None
 
 
-def _recompute(conn: Connection) -> int:
-    import pandas as pd
+class _Buckets:
+    """Per-bucket metrics accumulated from runs (bounded by the buckets one pass touches)."""
 
-    rows = conn.execute(sa.select(log_runs.c.finished_at, log_runs.c.job, log_runs.c.status,
-                                  log_runs.c.duration_s, log_runs.c.counts)).all()
-    frame = pd.DataFrame(rows, columns=["finished_at", "job", "status", "duration_s", "counts"])
-    metrics = _metric_rows(frame)
-    conn.execute(sa.delete(job_metrics).where(job_metrics.c.name.not_in(_STATE_METRICS)))
-    if metrics:
-        conn.execute(sa.insert(job_metrics), metrics)
-    return len(metrics)
+    def __init__(self) -> None:
+        self.runs: dict[tuple[datetime, str, str], int] = {}
+        self.duration: dict[tuple[datetime, str], float] = {}
+        self.sums: dict[tuple[str, datetime, str], Decimal] = {}
+
+    def add(self, bucket: datetime, job: str, status: str, duration: float,
+            counts: dict[str, Any]) -> None:
+        key = (bucket, job, status)
+        self.runs[key] = self.runs.get(key, 0) + 1
+        jk = (bucket, job)
+        self.duration[jk] = max(self.duration.get(jk, duration), duration)
+        for name, field in COUNT_METRICS.items():
+            value = _number(counts.get(field)) if field in counts else None
+            if value is not None:
+                sk = (name, bucket, job)
+                self.sums[sk] = self.sums.get(sk, Decimal(0)) + value
+
+    def rows(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [
+            {"name": "hostmeter.job.runs", "bucket": b, "job": j, "status": st,
+             "value": Decimal(n)} for (b, j, st), n in self.runs.items()]
+        out += [{"name": "hostmeter.job.duration_seconds", "bucket": b, "job": j, "status": "",
+                 "value": Decimal(str(round(float(d), 6)))} for (b, j), d in self.duration.items()]
+        out += [{"name": n, "bucket": b, "job": j, "status": "", "value": v}
+                for (n, b, j), v in self.sums.items()]
+        return out
+
+
+def _spans(buckets: Sequence[datetime]) -> Iterator[list[datetime]]:
+    """Sorted buckets in groups read with one range query each: a group ends where the next
+    bucket is a day or more away, or after 2,000 buckets."""
+    group: list[datetime] = []
+    for b in buckets:
+        if group and (b - group[-1] >= timedelta(days=1) or len(group) >= 2_000):
+            yield group
+            group = []
+        group.append(b)
+    if group:
+        yield group
+
+
+def _recompute(conn: Connection, touched: set[datetime]) -> int:
+    """Replace the metrics of the ``touched`` buckets by what their runs in ``log_runs`` sum to
+    (runs streamed span by span); returns the rows written."""
+    written = 0
+    for span in _spans(sorted(touched)):
+        wanted = set(span)
+        acc = _Buckets()
+        rows = conn.execute(
+            sa.select(log_runs.c.finished_at, log_runs.c.job, log_runs.c.status,
+                      log_runs.c.duration_s, log_runs.c.counts)
+            .where(log_runs.c.finished_at >= span[0], log_runs.c.finished_at < span[-1] + BUCKET)
+            .execution_options(yield_per=5_000))
+        for finished_at, job, status, duration, counts in rows:
+            bucket = _floor(finished_at)
+            if bucket in wanted:
+                acc.add(bucket, job, status, float(duration), counts or {})
+        conn.execute(sa.delete(job_metrics).where(job_metrics.c.name.not_in(_STATE_METRICS),
+                                                  job_metrics.c.bucket.in_(span)))
+        metrics = acc.rows()
+        for i in range(0, len(metrics), 1_000):
+            conn.execute(sa.insert(job_metrics), metrics[i:i + 1_000])
+        written += len(metrics)
+    return written
 
 
 def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
@@ -278,26 +375,36 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
         batches = [read_log_group(client, g, since=None if since[g] is None
                                   else int(since[g]["offset"]), now=now) for g in log_groups]
     files = [f for p in paths for f in log_files(p)]
-    total_lines = total_runs = total_malformed = events = 0
+    events = 0
+    touched: set[datetime] = set()
+    inserted = 0
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # one pass at a time (SQLite: BEGIN IMMEDIATE)
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": AGGREGATE_LOCK_KEY})
+
+        def store(rows: list[dict[str, Any]]) -> None:
+            nonlocal inserted
+            inserted += insert_ignore(conn, log_runs, rows, key=["run_id"])
+            touched.update(_floor(r["finished_at"]) for r in rows)
+
+        lines = _Lines(store)
         for path in files:
             try:
-                runs, lines, malformed = _read_new_lines(conn, path, now)
+                _read_new_lines(conn, path, now, lines)
             except OSError as exc:
                 log.warning("log_file_unreadable", path=str(path), error=str(exc))
                 continue
-            total_lines += lines
-            total_malformed += malformed
-            total_runs += insert_ignore(conn, log_runs, runs, key=["run_id"])
+            lines.flush()
         for batch in batches:
             got = store_log_group(conn, batch, now=now)
             if got is None:
                 continue
-            runs, lines, malformed = got
+            runs, n, malformed = got
             events += batch.events
-            total_lines += lines
-            total_malformed += malformed
-            total_runs += insert_ignore(conn, log_runs, runs, key=["run_id"])
+            lines.lines += n
+            lines.malformed += malformed
+            store(runs)
+        total_lines, total_malformed, total_runs = lines.lines, lines.malformed, inserted
         if total_malformed:
             bucket = _floor(now)
             old = conn.execute(sa.select(job_metrics.c.value).where(
@@ -312,7 +419,7 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
                 {"name": OVERDUE, "bucket": _floor(now), "job": job, "status": "",
                  "value": Decimal(count)} for job, count in sorted(overdue.items())],
                 key=["name", "bucket", "job", "status"], update=["value"])
-        stored = _recompute(conn)
+        stored = _recompute(conn, touched)
     log.info("job_logs_aggregated", files=len(files), log_groups=len(batches),
              log_events=events, lines=total_lines, runs=total_runs, malformed=total_malformed,
              metrics=stored)
