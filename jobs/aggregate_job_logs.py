@@ -43,7 +43,8 @@ def run(ctx: JobContext, logical_time: datetime, *, logs: Sequence[str] = (),
     result = aggregate(ctx.engine, paths, now=now, log_groups=groups, logs_client=logs_client)
     counts: dict[str, Any] = {"files": result.files, "lines": result.lines,
                               "runs": result.runs, "malformed_lines": result.malformed,
-                              "metrics": result.metrics}
+                              "metrics": result.metrics, "tenant_items": result.tenant_items,
+                              "tenant_hours": result.tenant_hours}
     if groups:
         counts.update(log_groups=result.log_groups, log_events=result.log_events)
     textfile = os.environ.get("HOSTMETER_PROMETHEUS_TEXTFILE")

@@ -1,12 +1,14 @@
 """Job logs → job metrics: the ``aggregate-job-logs`` job and the store behind the exporters.
 
 1. **Read incrementally, in a stream.** Each JSON-lines log file is read from its checkpoint
-   (``log_checkpoints``: device, inode, a hash of the first line, byte offset) in blocks of
-   :data:`READ_BLOCK` bytes, never whole. A rotated or replaced file (other identity) or a
-   truncated one (shorter than the offset) is read from the start; an unfinished last line is
-   left for the next pass. Lines that are not JSON objects are counted as malformed, never
-   fatal. Each line is checked with msgspec, which validates the whole line but builds nothing
-   of it; only ``job_finished`` lines are decoded into a dict.
+   (``log_checkpoints``, keyed by a hash of the file's first line, with the byte offset) in
+   blocks of :data:`READ_BLOCK` bytes, never whole. A file renamed or copied by a rotation goes
+   on from its checkpoint; a replaced file (another first line) or a truncated one (shorter
+   than the offset) is read from the start; compressed rotations (``.gz`` …) are skipped; an
+   unfinished last line is left for the next pass. Lines that are not JSON objects are counted
+   as malformed, never fatal. Each line is checked with msgspec, which validates the whole
+   line but builds nothing of it; only ``job_finished`` lines are decoded into a dict, and the
+   per-item lines into small structs (:mod:`jobs.monitoring.tenants`).
 2. **Keep runs.** Every ``job_finished`` event becomes a ``log_runs`` row keyed by its run id,
    so reading the same line twice (after a rotation, say) adds nothing. Rows are written
    :data:`RUN_BATCH` at a time as the stream goes.
@@ -48,6 +50,8 @@ from jobs.monitoring.cloudwatch import (
 from jobs.monitoring.cloudwatch import logs_client as cloudwatch_client
 from jobs.monitoring.metricdata import DashboardData, JobStatus, MetricPoint, MonthBilling, RunFact
 from jobs.monitoring.store import job_metrics, log_checkpoints, log_runs
+from jobs.monitoring.tenants import EVENTS as TENANT_EVENTS
+from jobs.monitoring.tenants import TenantEvents
 from jobs.runtime.ledger import job_runs
 from metering import models as m
 from metering.db import insert_ignore, reading, upsert
@@ -79,6 +83,8 @@ OVERDUE = "hostmeter.job.runs_overdue"
 the logs: a stuck run writes no ``job_finished``) at each pass, for the pass's bucket."""
 _STATE_METRICS = (MALFORMED, OVERDUE)  # kept by the recompute: not derived from log_runs
 _HEAD_BYTES = 256
+_HEAD_KEY = "file:"  # log_checkpoints.path of a file: its first line's hash
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 log = structlog.get_logger("hostmeter.metrics")
 
 #: metric name → the ``job_finished`` count it sums (per job and bucket)
@@ -94,6 +100,9 @@ COUNT_METRICS = {
     "hostmeter.billing.micro_units": "billed_micro_units",
     "hostmeter.billing.amount": "billed_amount",
 }
+_RUN_METRICS = ("hostmeter.job.runs", "hostmeter.job.duration_seconds", *COUNT_METRICS)
+"""What :func:`_recompute` derives from ``log_runs`` (and so replaces); the state metrics, the
+fleet totals and the noisy-tenant counts are kept."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,12 +116,17 @@ class AggregateResult:
     runs: int
     malformed: int
     metrics: int
+    tenant_items: int = 0
+    """Per-item lines (``tenant_hour``, ``tenant_ingested``) read into the tenant series."""
+    tenant_hours: int = 0
+    """Tenant-hours whose series, fleet totals and flags the pass refreshed."""
 
 
 def log_files(path: Path) -> list[Path]:
     """A log file, or every ``*.jsonl*`` file in a directory (rotated ones included)."""
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and ".jsonl" in p.name)
+        return sorted(p for p in path.iterdir() if p.is_file() and ".jsonl" in p.name
+                      and not p.name.endswith(_COMPRESSED))
     return [path] if path.is_file() else []
 
 
@@ -172,11 +186,13 @@ _object = msgspec.json.Decoder(dict[str, Any]).decode
 class _Lines:
     """Counts of the lines a pass has read, and its new ``job_finished`` rows as they come."""
 
-    def __init__(self, sink: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+    def __init__(self, sink: Callable[[list[dict[str, Any]]], None] | None = None,
+                 items: TenantEvents | None = None) -> None:
         self.lines = 0
         self.malformed = 0
         self.runs: list[dict[str, Any]] = []
         self.sink = sink
+        self.items = items
 
     def feed(self, raw_lines: Iterable[bytes | str]) -> None:
         probe, decode, runs = _probe, _object, self.runs
@@ -190,6 +206,8 @@ class _Lines:
                 self.malformed += 1
                 continue
             if event != "job_finished":
+                if event in TENANT_EVENTS and self.items is not None:
+                    self.items.feed(event, raw)
                 continue
             row = _run_row(decode(raw))
             if row is not None:
@@ -246,15 +264,25 @@ def _save_checkpoint(conn: Connection, key: str, previous: Any, *, device: int, 
 
 def _read_new_lines(conn: Connection, path: Path, now: datetime, lines: _Lines) -> None:
     """Feed ``path``'s new complete lines since its checkpoint to ``lines``, then move the
-    checkpoint past them (with the malformed lines they held)."""
+    checkpoint past them (with the malformed lines they held).
+
+    A file is known by its first line (:func:`_head`), not by its name: renamed by a rotation,
+    or copied away before being truncated (``copytruncate``), it goes on from its checkpoint
+    under any name, and a file that starts over gets a new first line and is read from its
+    start. So each line is read once, which the per-tenant sums rely on. (A checkpoint kept by
+    path, before this, is taken over once, if the file is still the same.)"""
     st = path.stat()
-    key = str(path.resolve())
-    cp = _checkpoint(conn, key)
     head = _head(path)
+    key = f"{_HEAD_KEY}{head}"
+    cp = _checkpoint(conn, key)
     offset = 0
-    if cp is not None and (cp["device"], cp["inode"], cp["head"]) == (st.st_dev, st.st_ino,
-                                                                     head):
+    if cp is not None:
         offset = cp["offset"] if cp["offset"] <= st.st_size else 0  # shrank: truncated
+    else:
+        legacy = _checkpoint(conn, str(path.resolve()))
+        if legacy is not None and (legacy["device"], legacy["inode"], legacy["head"]) == (
+                st.st_dev, st.st_ino, head) and legacy["offset"] <= st.st_size:
+            offset = legacy["offset"]
     malformed = lines.malformed
     with path.open("rb") as f:
         f.seek(offset)
@@ -265,7 +293,8 @@ def _read_new_lines(conn: Connection, path: Path, now: datetime, lines: _Lines) 
                      offset=offset, malformed=lines.malformed - malformed, now=now)
 
 
-def store_log_group(conn: Connection, batch: LogGroupBatch, *, now: datetime
+def store_log_group(conn: Connection, batch: LogGroupBatch, *, now: datetime,
+                    items: TenantEvents | None = None,
                     ) -> tuple[list[dict[str, Any]], int, int] | None:
     """Parse a fetched log-group batch and move its checkpoint → (runs, lines, malformed).
     None, and nothing written, when another pass moved the checkpoint since the batch was
@@ -276,7 +305,9 @@ def store_log_group(conn: Connection, batch: LogGroupBatch, *, now: datetime
         log.warning("log_group_read_concurrently", log_group=batch.group,
                     read_from=batch.since, now_at=cp["offset"] if cp is not None else None)
         return None
-    runs, lines, malformed = parse_lines(batch.messages)
+    parsed = _Lines(items=items)
+    parsed.feed(batch.messages)
+    runs, lines, malformed = parsed.runs, parsed.lines, parsed.malformed
     _save_checkpoint(conn, key, cp, device=0, inode=0, head=CHECKPOINT_HEAD,
                      offset=batch.until, malformed=malformed, now=now)
     return runs, lines, malformed
@@ -353,7 +384,7 @@ def _recompute(conn: Connection, touched: set[datetime]) -> int:
             bucket = _floor(finished_at)
             if bucket in wanted:
                 acc.add(bucket, job, status, float(duration), counts or {})
-        conn.execute(sa.delete(job_metrics).where(job_metrics.c.name.not_in(_STATE_METRICS),
+        conn.execute(sa.delete(job_metrics).where(job_metrics.c.name.in_(_RUN_METRICS),
                                                   job_metrics.c.bucket.in_(span)))
         metrics = acc.rows()
         for i in range(0, len(metrics), 1_000):
@@ -387,7 +418,8 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
             inserted += insert_ignore(conn, log_runs, rows, key=["run_id"])
             touched.update(_floor(r["finished_at"]) for r in rows)
 
-        lines = _Lines(store)
+        items = TenantEvents(conn)
+        lines = _Lines(store, items)
         for path in files:
             try:
                 _read_new_lines(conn, path, now, lines)
@@ -396,7 +428,7 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
                 continue
             lines.flush()
         for batch in batches:
-            got = store_log_group(conn, batch, now=now)
+            got = store_log_group(conn, batch, now=now, items=items)
             if got is None:
                 continue
             runs, n, malformed = got
@@ -420,12 +452,13 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
                  "value": Decimal(count)} for job, count in sorted(overdue.items())],
                 key=["name", "bucket", "job", "status"], update=["value"])
         stored = _recompute(conn, touched)
+        tenant_hours = items.finish()
     log.info("job_logs_aggregated", files=len(files), log_groups=len(batches),
              log_events=events, lines=total_lines, runs=total_runs, malformed=total_malformed,
-             metrics=stored)
+             metrics=stored, tenant_items=items.events, tenant_hours=tenant_hours)
     return AggregateResult(files=len(files), log_groups=len(batches), log_events=events,
                            lines=total_lines, runs=total_runs, malformed=total_malformed,
-                           metrics=stored)
+                           metrics=stored, tenant_items=items.events, tenant_hours=tenant_hours)
 
 
 def overdue_counts(conn: Connection, now: datetime) -> dict[str, int]:

@@ -17,6 +17,8 @@ __all__ = [
     "job_metrics",
     "log_checkpoints",
     "log_runs",
+    "tenant_flags",
+    "tenant_series",
 ]
 
 log_checkpoints = sa.Table(
@@ -95,3 +97,31 @@ any value was ever accepted; ``value`` is NULL). ``doubt_until`` (NULL when none
 request carrying the point was cut off after it was sent: it may still land until then,
 possibly over a newer value, so the point is sent once more after it. A point whose stored value
 differs from ``value``, or whose ``doubt_until`` has passed, is sent by the next pass."""
+
+tenant_series = sa.Table(
+    "tenant_series",
+    metadata,
+    sa.Column("series", sa.String(16), primary_key=True),
+    sa.Column("hour", UTCDateTime, primary_key=True),
+    sa.Column("tenant", sa.String(200), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+    sa.Column("seen_at", UTCDateTime, nullable=False),
+    sa.Index("ix_tenant_series_tenant", "series", "tenant", "hour"),
+)
+"""Per-tenant hourly series read from the jobs' per-item events (:mod:`jobs.monitoring.tenants`):
+``hosts`` and ``metrics`` of each snapshotted tenant-hour (the latest snapshot of the hour wins:
+``seen_at`` is its log line's timestamp), ``posts`` ingested in the hour (summed over the ingests
+whose ``tenant_ingested`` line falls in it)."""
+
+tenant_flags = sa.Table(
+    "tenant_flags",
+    metadata,
+    sa.Column("series", sa.String(16), primary_key=True),
+    sa.Column("hour", UTCDateTime, primary_key=True),
+    sa.Column("tenant", sa.String(200), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+    sa.Column("median", sa.Numeric(24, 6), nullable=False),
+    sa.Index("ix_tenant_flags_hour", "hour"),
+)
+"""Noisy neighbours: a tenant-hour whose ``series`` value jumped to at least k times the tenant's
+trailing median (``median``) over the window before it."""

@@ -1,0 +1,296 @@
+"""Per-tenant series from the jobs' per-item events: capacity, and noisy neighbours.
+
+The jobs log one line per item they process (``snapshot-usage``: ``tenant_hour`` per tenant-hour
+it freezes; ``hostmeter ingest``: ``tenant_ingested`` per tenant of an input). The log pass
+(:func:`jobs.monitoring.logmetrics.aggregate`) hands those lines to a :class:`TenantEvents`,
+which keeps, in ``tenant_series``, per tenant and UTC hour:
+
+- ``hosts`` (standard + micro) and ``metrics`` of the snapshotted tenant-hour — the latest
+  snapshot of the hour wins (its line's timestamp), so a look-back re-snapshot replaces them;
+- ``posts`` ingested, summed over the ``tenant_ingested`` lines of the hour (each line is read
+  once: the checkpoints follow a file through rotation and truncation).
+
+Then, for the tenant-hours the pass touched only:
+
+- **fleet totals** (capacity): ``hostmeter.fleet.hosts`` / ``.metrics`` / ``.posts`` per hour, the
+  sums over tenants, in ``job_metrics`` (exported with the job metrics);
+- **noisy neighbours**: a tenant-hour whose ``hosts`` or ``metrics`` is at least
+  :attr:`NoisyRule.factor` times the tenant's median over the :attr:`NoisyRule.window_hours`
+  hours before it (at least :attr:`NoisyRule.min_points` of them, and the value at least
+  :attr:`NoisyRule.min_value`) is flagged in ``tenant_flags``; a later snapshot that takes the
+  value back down clears it. ``hostmeter.tenants.noisy`` counts the flagged tenants per hour.
+  The trailing median is computed with pandas over the touched tenants' windows only (a frame
+  of bounded size), never over the whole history.
+
+Defaults (``HOSTMETER_NOISY_FACTOR``, ``HOSTMETER_NOISY_WINDOW_HOURS``,
+``HOSTMETER_NOISY_MIN_POINTS``, ``HOSTMETER_NOISY_MIN_VALUE``): 3×, 24 hours, 6 hours, 10.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from jobs.monitoring.store import job_metrics, tenant_flags, tenant_series
+from metering.db import upsert
+from metering.errors import ConfigError
+
+__all__ = ["FLEET_METRICS", "NOISY", "SERIES", "NoisyRule", "TenantEvents"]
+
+SERIES = ("hosts", "metrics", "posts")
+FLEET_METRICS = {s: f"hostmeter.fleet.{s}" for s in SERIES}
+NOISY = "hostmeter.tenants.noisy"
+FLAGGED_SERIES = ("hosts", "metrics")
+HOLD = 20_000
+"""Tenant-hour values held before they are written."""
+_CHUNK = 500
+HOUR = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoisyRule:
+    """When a tenant-hour is a noisy neighbour (see the module docstring)."""
+
+    factor: Decimal = Decimal(3)
+    window_hours: int = 24
+    min_points: int = 6
+    min_value: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> NoisyRule:
+        env = os.environ if env is None else env
+
+        def number(name: str, default: Any, kind: type, low: Any) -> Any:
+            raw = env.get(name)
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except (ValueError, ArithmeticError):
+                value = None
+            if value is None or value < low:
+                raise ConfigError(f"{name}={raw!r} must be a number >= {low}", setting=name)
+            return value
+
+        return cls(factor=number("HOSTMETER_NOISY_FACTOR", Decimal(3), Decimal, Decimal(1)),
+                   window_hours=number("HOSTMETER_NOISY_WINDOW_HOURS", 24, int, 1),
+                   min_points=number("HOSTMETER_NOISY_MIN_POINTS", 6, int, 1),
+                   min_value=number("HOSTMETER_NOISY_MIN_VALUE", 10, int, 0))
+
+
+class _TenantHour(msgspec.Struct):
+    timestamp: str
+    tenant: str
+    hour: str
+    std: int
+    micro: int
+    metrics: int
+
+
+class _TenantIngested(msgspec.Struct):
+    timestamp: str
+    tenant: str
+    posts: int
+
+
+_decode_hour = msgspec.json.Decoder(_TenantHour).decode
+_decode_ingested = msgspec.json.Decoder(_TenantIngested).decode
+EVENTS = frozenset({"tenant_hour", "tenant_ingested"})
+
+
+def _instant(text: str) -> datetime | None:
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _hour(at: datetime) -> datetime:
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+class TenantEvents:
+    """The per-item events of one log pass, written in its transaction (:meth:`finish`)."""
+
+    def __init__(self, conn: Connection, rule: NoisyRule | None = None) -> None:
+        self.conn = conn
+        self.rule = rule or NoisyRule.from_env()
+        self.latest: dict[tuple[str, datetime, str], tuple[int, datetime]] = {}
+        self.posts: dict[tuple[datetime, str], int] = {}
+        self.touched: set[tuple[datetime, str]] = set()
+        self.events = 0
+        self.ignored = 0
+
+    def feed(self, event: str, raw: bytes | str) -> None:
+        """One line whose ``event`` is in :data:`EVENTS` (a line without the fields is ignored
+        and counted, not fatal)."""
+        try:
+            if event == "tenant_hour":
+                item = _decode_hour(raw)
+                at, hour = _instant(item.timestamp), _instant(item.hour)
+                if at is None or hour is None or not item.tenant:
+                    raise ValueError
+                hour = _hour(hour)
+                for series, value in (("hosts", item.std + item.micro),
+                                      ("metrics", item.metrics)):
+                    key = (series, hour, item.tenant[:200])
+                    held = self.latest.get(key)
+                    if held is None or held[1] <= at:
+                        self.latest[key] = (value, at)
+            else:
+                ingested = _decode_ingested(raw)
+                at = _instant(ingested.timestamp)
+                if at is None or not ingested.tenant:
+                    raise ValueError
+                hour = _hour(at)
+                pk = (hour, ingested.tenant[:200])
+                self.posts[pk] = self.posts.get(pk, 0) + ingested.posts
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            self.ignored += 1
+            return
+        self.events += 1
+        if len(self.latest) + len(self.posts) >= HOLD:
+            self._write()
+
+    def _write(self) -> None:
+        now_rows = [{"series": s, "hour": h, "tenant": t, "value": v, "seen_at": at}
+                    for (s, h, t), (v, at) in self.latest.items()]
+        post_rows = [{"series": "posts", "hour": h, "tenant": t, "value": v, "seen_at": h}
+                     for (h, t), v in self.posts.items()]
+        self.touched.update((h, t) for _, h, t in self.latest)
+        self.touched.update(self.posts)
+        self.latest, self.posts = {}, {}
+        ins = _insert(self.conn)
+        for i in range(0, len(now_rows), _CHUNK):
+            stmt = ins.values(now_rows[i:i + _CHUNK])
+            self.conn.execute(stmt.on_conflict_do_update(
+                index_elements=["series", "hour", "tenant"],
+                set_={"value": stmt.excluded.value, "seen_at": stmt.excluded.seen_at},
+                where=tenant_series.c.seen_at <= stmt.excluded.seen_at))
+        for i in range(0, len(post_rows), _CHUNK):
+            stmt = ins.values(post_rows[i:i + _CHUNK])
+            self.conn.execute(stmt.on_conflict_do_update(
+                index_elements=["series", "hour", "tenant"],
+                set_={"value": tenant_series.c.value + stmt.excluded.value}))
+
+    def finish(self) -> int:
+        """Write what is held, then the fleet totals and the flags of the touched hours;
+        returns the tenant-hours touched."""
+        self._write()
+        if not self.touched:
+            return 0
+        hours = sorted({h for h, _ in self.touched})
+        self._flags(hours)
+        self._fleet(hours)
+        return len(self.touched)
+
+    def _fleet(self, hours: list[datetime]) -> None:
+        s = tenant_series
+        rows: list[dict[str, Any]] = []
+        flagged: dict[datetime, int] = {}
+        for i in range(0, len(hours), _CHUNK):
+            part = hours[i:i + _CHUNK]
+            sums = self.conn.execute(
+                sa.select(s.c.series, s.c.hour, sa.func.sum(s.c.value))
+                .where(s.c.hour.in_(part)).group_by(s.c.series, s.c.hour)).all()
+            rows += [{"name": FLEET_METRICS[series], "bucket": hour, "job": "", "status": "",
+                      "value": Decimal(int(total))} for series, hour, total in sums
+                     if series in FLEET_METRICS]
+            f = tenant_flags
+            flagged.update({hour: int(n) for hour, n in self.conn.execute(
+                sa.select(f.c.hour, sa.func.count(sa.distinct(f.c.tenant)))
+                .where(f.c.hour.in_(part)).group_by(f.c.hour))})
+        rows += [{"name": NOISY, "bucket": hour, "job": "", "status": "",
+                  "value": Decimal(flagged.get(hour, 0))} for hour in hours]
+        upsert(self.conn, job_metrics, rows, key=["name", "bucket", "job", "status"],
+               update=["value"])
+
+    def _flags(self, hours: list[datetime]) -> None:
+        """Flag (or clear) every touched tenant-hour of the flagged series."""
+        import pandas as pd
+
+        rule = self.rule
+        window = timedelta(hours=rule.window_hours)
+        tenants = sorted({t for _, t in self.touched})
+        lo, hi = hours[0] - window, hours[-1]
+        s = tenant_series
+        frames = []
+        for i in range(0, len(tenants), _CHUNK):
+            part = tenants[i:i + _CHUNK]
+            frames.append(pd.DataFrame(self.conn.execute(
+                sa.select(s.c.series, s.c.tenant, s.c.hour, s.c.value)
+                .where(s.c.series.in_(FLAGGED_SERIES), s.c.tenant.in_(part),
+                       s.c.hour >= lo, s.c.hour <= hi)).all(),
+                columns=["series", "tenant", "hour", "value"]))
+        data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        flags: list[dict[str, Any]] = []
+        if not data.empty:
+            data["hour"] = pd.to_datetime(data["hour"], utc=True)
+            data = data.sort_values(["series", "tenant", "hour"]).reset_index(drop=True)
+            medians, points = [], []
+            for _, group in data.groupby(["series", "tenant"], sort=False):
+                rolled = (group.set_index("hour")["value"].astype("float64")
+                          .rolling(f"{rule.window_hours}h", closed="left"))
+                medians.append(rolled.median().to_numpy())
+                points.append(rolled.count().to_numpy())
+            data["median"] = pd.Series(
+                [v for part in medians for v in part], index=data.index).fillna(0.0)
+            data["points"] = pd.Series([v for part in points for v in part], index=data.index)
+            touched = pd.MultiIndex.from_tuples(
+                [(t, pd.Timestamp(h)) for h, t in self.touched], names=["tenant", "hour"])
+            keys = pd.MultiIndex.from_arrays([data["tenant"], data["hour"]])
+            mine = data[keys.isin(touched)]
+            factor = float(rule.factor)
+            noisy = mine[(mine["points"] >= rule.min_points) & (mine["median"] > 0)
+                         & (mine["value"] >= rule.min_value)
+                         & (mine["value"] >= factor * mine["median"])]
+            flags = [{"series": r.series, "hour": r.hour.to_pydatetime(), "tenant": r.tenant,
+                      "value": int(r.value), "median": Decimal(str(round(r.median, 6)))}
+                     for r in noisy.itertuples(index=False)]
+        f = tenant_flags
+        by_hour: dict[datetime, list[str]] = {}
+        for hour, tenant in self.touched:
+            by_hour.setdefault(hour, []).append(tenant)
+        for hour, names in sorted(by_hour.items()):
+            for i in range(0, len(names), _CHUNK):
+                self.conn.execute(sa.delete(f).where(f.c.hour == hour,
+                                                     f.c.tenant.in_(names[i:i + _CHUNK])))
+        for i in range(0, len(flags), _CHUNK):
+            self.conn.execute(sa.insert(f), flags[i:i + _CHUNK])
+
+
+def _insert(conn: Connection) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(tenant_series)
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(tenant_series)
+
+
+def flagged(conn: Connection, *, since: datetime | None = None) -> list[dict[str, Any]]:
+    """Flagged tenant-hours (newest first), optionally only from ``since``."""
+    f = tenant_flags
+    q = sa.select(f).order_by(f.c.hour.desc(), f.c.series, f.c.tenant)
+    if since is not None:
+        q = q.where(f.c.hour >= since)
+    return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def top_tenants(conn: Connection, series: str, hour: datetime, limit: int
+                ) -> list[tuple[str, int]]:
+    """The ``limit`` largest tenants of ``series`` in ``hour``."""
+    s = tenant_series
+    return [(t, int(v)) for t, v in conn.execute(
+        sa.select(s.c.tenant, s.c.value).where(s.c.series == series, s.c.hour == hour)
+        .order_by(s.c.value.desc(), s.c.tenant).limit(limit))]
