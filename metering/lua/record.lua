@@ -33,8 +33,9 @@ local prefix, ns = string.match(dict, '^(hm:{[^{}]+}):dict:(%a+)$')
 if prefix == nil or (ns ~= 'host' and ns ~= 'service') then
   return redis.error_reply('hostmeter: KEYS[1] must be hm:{tenant}:dict:host or :dict:service')
 end
-local hour = string.match(hourkey, '^' .. prefix:gsub('%p', '%%%0') .. ':' .. ns .. ':(%d+)$')
-if hour == nil then
+local head = prefix .. ':' .. ns .. ':'
+local hour = string.sub(hourkey, 1, #head) == head and string.match(hourkey, '^%d+$', #head + 1)
+if not hour then
   return redis.error_reply('hostmeter: KEYS[2] must be ' .. prefix .. ':' .. ns .. ':<hour>')
 end
 if postskey ~= prefix .. ':posts:' .. hour then
@@ -151,11 +152,34 @@ for k = 1, #ids do
   end
 end
 
--- OR the ids (and the kind's flag) into the field's value
+-- OR the ids (and the kind's flag) into the field's value. Most posts repeat the names of the
+-- host's previous post: their bits are tested in place, and the value is rebuilt (and written)
+-- only when a bit is missing.
+local MASKS = {[0] = 1, 2, 4, 8, 16, 32, 64, 128}
+local band, byte = bit.band, string.byte
+local have = old and #old or 0
+local missing = 0
+if have == 0 or band(byte(old, 1), flag) == 0 then
+  missing = 1
+else
+  for j = 1, #ids do
+    local id = ids[j]
+    local pos = 2 + (id - id % 8) / 8
+    if pos > have or band(byte(old, pos), MASKS[id % 8]) == 0 then
+      missing = 1
+      break
+    end
+  end
+end
+if missing == 0 then
+  redis.call('INCR', postskey)
+  return 0
+end
+
 local bytes = {}
 if old then
   for first = 1, #old, 4000 do
-    local part = {string.byte(old, first, math.min(first + 3999, #old))}
+    local part = {byte(old, first, math.min(first + 3999, #old))}
     for j = 1, #part do bytes[first + j - 1] = part[j] end
   end
 else
@@ -165,26 +189,23 @@ local added = 0
 local function setbit(pos, mask)
   for k = #bytes + 1, pos do bytes[k] = 0 end
   local b = bytes[pos]
-  if bit.band(b, mask) == 0 then
+  if band(b, mask) == 0 then
     bytes[pos] = bit.bor(b, mask)
     return true
   end
   return false
 end
-local changed = setbit(1, flag)
+setbit(1, flag)
 for j = 1, #ids do
   local id = ids[j]
-  if setbit(2 + math.floor(id / 8), bit.lshift(1, id % 8)) then
+  if setbit(2 + (id - id % 8) / 8, MASKS[id % 8]) then
     added = added + 1
-    changed = true
   end
 end
-if changed then
-  local parts = {}
-  for first = 1, #bytes, 4000 do
-    parts[#parts + 1] = string.char(unpack(bytes, first, math.min(first + 3999, #bytes)))
-  end
-  redis.call('HSET', hourkey, field, table.concat(parts))
+local parts = {}
+for first = 1, #bytes, 4000 do
+  parts[#parts + 1] = string.char(unpack(bytes, first, math.min(first + 3999, #bytes)))
 end
+redis.call('HSET', hourkey, field, table.concat(parts))
 redis.call('INCR', postskey)
 return added
