@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from metering.hotpath import KEY_PREFIX, HotPathUnavailable, pipelined
+from metering.hotpath import KEY_PREFIX, HotPathUnavailable, pipelined, value_bits
 from metering.ingest import BitmapSink, merge_bitmaps, service_metric_key
 from metering.records import checked_metric, checked_text
 
@@ -146,13 +146,13 @@ class _Translation:
         self.cache: dict[bytes, int] = {}
 
     def bits(self, value: bytes, prefix: str = "") -> int:
-        """The database bitmap of a Redis value's bitmap (its bytes after the flags byte);
-        ``prefix`` names service metrics by their service."""
+        """The database bitmap of a Redis value's bitmap (:func:`value_bits`; ``ValueError``
+        when the value is malformed); ``prefix`` names service metrics by their service."""
         key = value[1:] if not prefix else prefix.encode() + b"\0" + value[1:]
         found = self.cache.get(key)
         if found is not None:
             return found
-        redis_bits = int.from_bytes(value[1:], "little")
+        redis_bits = value_bits(value)
         names: list[str] = []
         while redis_bits:
             low = redis_bits & -redis_bits
@@ -239,7 +239,12 @@ def flush_usage(
                         part.problem(f"tenant {tenant!r}: host {raw_host!r} is not one ingest "
                                      "accepts; skipped")
                         continue
-                    bits = host_tr.bits(value)
+                    try:
+                        bits = host_tr.bits(value)
+                    except ValueError as exc:
+                        part.problem(f"tenant {tenant!r}: host {host!r} has a malformed value "
+                                     f"({exc}); skipped")
+                        continue
                     if bits:
                         sink.add_host(host_tr.tenant_id, host, at, bool(value[0] & 1), bits)
                         part.host_hours += 1
@@ -251,7 +256,11 @@ def flush_usage(
                         part.problem(f"tenant {tenant!r}: service {raw_service!r} is not one "
                                      "ingest accepts; skipped")
                         continue
-                    service_bits |= service_tr.bits(value, service)
+                    try:
+                        service_bits |= service_tr.bits(value, service)
+                    except ValueError as exc:
+                        part.problem(f"tenant {tenant!r}: service {service!r} has a malformed "
+                                     f"value ({exc}); skipped")
                 if service_bits:
                     sink.add_service(service_tr.tenant_id, at, service_bits)
                     part.service_hours += 1

@@ -64,6 +64,7 @@ __all__ = [
     "hour_keys",
     "pipelined",
     "script",
+    "value_bits",
 ]
 
 PROTOCOL_VERSION = 1
@@ -88,6 +89,25 @@ def script(name: str) -> str:
 def script_sha(name: str) -> str:
     """The SHA-1 that ``EVALSHA`` calls the script by (what ``SCRIPT LOAD`` returns)."""
     return hashlib.sha1(script(name).encode("utf-8")).hexdigest()
+
+
+def value_bits(value: bytes) -> int:
+    """The bitmap (bit ``id`` set for each dictionary id posted) of a field of an hour hash,
+    decoded from ``record.lua``'s value layout: a flags byte, then segments of a 3-byte
+    big-endian count of zero bytes skipped, a 1-byte length ``n`` and ``n`` bitmap bytes."""
+    bits = 0
+    pos, index, size = 1, 0, len(value)
+    if not size:
+        raise ValueError("an empty value (no flags byte)")
+    while pos < size:
+        if pos + 4 > size or pos + 4 + value[pos + 3] > size:
+            raise ValueError(f"a segment at byte {pos} runs past the value's {size} bytes")
+        index += int.from_bytes(value[pos:pos + 3], "big")
+        n = value[pos + 3]
+        bits |= int.from_bytes(value[pos + 4:pos + 4 + n], "little") << (8 * index)
+        index += n
+        pos += 4 + n
+    return bits
 
 
 def tenant_tag(tenant: str) -> str:

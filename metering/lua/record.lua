@@ -8,7 +8,7 @@ sets nothing, so memory grows with host-hours, not with posts.
   EVALSHA <sha1 of this file> 3 <dict> <hour> <posts> <field> <kind> <name> [<name> ...]
 
   KEYS[1] dict   hm:{T}:dict:host  or  hm:{T}:dict:service   name -> dense id (HASH)
-  KEYS[2] hour   hm:{T}:host:H     or  hm:{T}:service:H      field -> flags byte + bitmap (HASH)
+  KEYS[2] hour   hm:{T}:host:H     or  hm:{T}:service:H      field -> flags + bitmap (HASH)
   KEYS[3] posts  hm:{T}:posts:H                              posts recorded in the hour (STRING)
   ARGV[1] field  the host name (host posts) or the service name (service posts)
   ARGV[2] kind   "standard" or "micro" (host posts), "service" (service posts)
@@ -22,8 +22,13 @@ Returns the number of bits the post newly set (0 for a repeated post). Errors (a
 message starts with "hostmeter:") leave everything as it was.
 
 Value layout of KEYS[2]'s fields: byte 1 holds flags (1: a standard post was seen, 2: a micro
-post was seen, 4: a service post); from byte 2 on, bit (id % 8) of byte 2 + floor(id / 8) is set
-when the name with dictionary id `id` was posted. flush-usage moves these into the database.
+post was seen, 4: a service post); then the bitmap of the dictionary ids posted (bit id % 8 of
+bitmap byte floor(id / 8)), stored as segments that skip its runs of zero bytes: each segment is
+a 3-byte big-endian count of zero bytes skipped since the previous segment's end, a 1-byte
+length n (1 to 255), and n bitmap bytes. (A host posts the tenant's common names, low ids, and
+its own application's, a range further up: two short segments instead of a bitmap as long as
+the tenant's dictionary.) metering.hotpath.value_bits decodes it; flush-usage moves these into
+the database.
 ]]
 local dict, hourkey, postskey = KEYS[1], KEYS[2], KEYS[3]
 if #KEYS ~= 3 then
@@ -153,59 +158,69 @@ for k = 1, #ids do
 end
 
 -- OR the ids (and the kind's flag) into the field's value. Most posts repeat the names of the
--- host's previous post: their bits are tested in place, and the value is rebuilt (and written)
--- only when a bit is missing.
+-- host's previous post: their bits are tested against the stored bytes, and the value is
+-- rebuilt (and written) only when a bit is missing.
 local MASKS = {[0] = 1, 2, 4, 8, 16, 32, 64, 128}
 local band, byte = bit.band, string.byte
-local have = old and #old or 0
-local missing = 0
-if have == 0 or band(byte(old, 1), flag) == 0 then
-  missing = 1
-else
+local stored = {}  -- bitmap byte index (0-based) -> byte, for the bytes the value holds
+local flags = 0
+if old then
+  flags = byte(old, 1)
+  local pos, index, size = 2, 0, #old
+  while pos <= size do
+    local g1, g2, g3, n = byte(old, pos, pos + 3)
+    index = index + g1 * 65536 + g2 * 256 + g3
+    for k = 0, n - 1 do stored[index + k] = byte(old, pos + 4 + k) end
+    index = index + n
+    pos = pos + 4 + n
+  end
+end
+local missing = band(flags, flag) == 0
+if not missing then
   for j = 1, #ids do
     local id = ids[j]
-    local pos = 2 + (id - id % 8) / 8
-    if pos > have or band(byte(old, pos), MASKS[id % 8]) == 0 then
-      missing = 1
+    if band(stored[(id - id % 8) / 8] or 0, MASKS[id % 8]) == 0 then
+      missing = true
       break
     end
   end
 end
-if missing == 0 then
+if not missing then
   redis.call('INCR', postskey)
   return 0
 end
 
-local bytes = {}
-if old then
-  for first = 1, #old, 4000 do
-    local part = {byte(old, first, math.min(first + 3999, #old))}
-    for j = 1, #part do bytes[first + j - 1] = part[j] end
-  end
-else
-  bytes[1] = 0
-end
 local added = 0
-local function setbit(pos, mask)
-  for k = #bytes + 1, pos do bytes[k] = 0 end
-  local b = bytes[pos]
-  if band(b, mask) == 0 then
-    bytes[pos] = bit.bor(b, mask)
-    return true
-  end
-  return false
-end
-setbit(1, flag)
 for j = 1, #ids do
   local id = ids[j]
-  if setbit(2 + (id - id % 8) / 8, MASKS[id % 8]) then
+  local index, mask = (id - id % 8) / 8, MASKS[id % 8]
+  local b = stored[index] or 0
+  if band(b, mask) == 0 then
+    stored[index] = bit.bor(b, mask)
     added = added + 1
   end
 end
-local parts = {}
-for first = 1, #bytes, 4000 do
-  parts[#parts + 1] = string.char(unpack(bytes, first, math.min(first + 3999, #bytes)))
+local order = {}
+for index in pairs(stored) do order[#order + 1] = index end
+table.sort(order)
+-- segments: a new one where more than 4 zero bytes (a segment header's size) lie between
+local out = {string.char(bit.bor(flags, flag))}
+local k, last = 1, 0
+while k <= #order do
+  local first = order[k]
+  local stop = k
+  while stop < #order and order[stop + 1] - order[stop] <= 5
+      and order[stop + 1] - first < 255 do
+    stop = stop + 1
+  end
+  local n = order[stop] - first + 1
+  local gap = first - last
+  local seg = {math.floor(gap / 65536) % 256, math.floor(gap / 256) % 256, gap % 256, n}
+  for index = first, order[stop] do seg[#seg + 1] = stored[index] or 0 end
+  out[#out + 1] = string.char(unpack(seg))
+  last = order[stop] + 1
+  k = stop + 1
 end
-redis.call('HSET', hourkey, field, table.concat(parts))
+redis.call('HSET', hourkey, field, table.concat(out))
 redis.call('INCR', postskey)
 return added

@@ -294,12 +294,14 @@ def test_values_ingest_would_refuse_are_skipped_and_reported(engine: Engine, cli
     recorder = PostRecorder(client)
     recorder.record(post("acme", "h-1", at(H0, 1), "good", "also.good"))
     dict_key, hour_key, _ = hour_keys("acme", "host", hour_no(H0))
-    client.hset(hour_key, b"bad-\xff-host", bytes([1, 0x01]))
-    client.hset(hour_key, "h-2", bytes([1, 0x01 | 0x10]))  # id 4: never numbered
-    client.hset(dict_key, "\u3000", 2)                     # blank to ingest (record.lua lets
-    client.hset(hour_key, "h-3", bytes([2, 0x05]))         # non-ASCII blanks through)
+    client.hset(hour_key, b"bad-\xff-host", bytes([1, 0, 0, 0, 1, 0x01]))
+    client.hset(hour_key, "h-2", bytes([1, 0, 0, 0, 1, 0x01 | 0x10]))  # id 4: never numbered
+    client.hset(dict_key, "\u3000", 2)                     # blank to ingest
+    client.hset(hour_key, "h-3", bytes([2, 0, 0, 0, 1, 0x05]))
+    client.hset(hour_key, "h-4", bytes([1, 0, 0, 0, 9, 0x01]))  # a segment cut short
     summary = flush_usage(engine, client, release_before=None)
-    assert summary.skipped == 3
+    assert summary.skipped == 4
+    assert any("h-4" in p and "value" in p for p in summary.problems)
     assert any("bad-" in p for p in summary.problems)
     assert recorded(engine)["host_hours"] == {
         ("acme", "h-1", H0): ("standard", frozenset({"good", "also.good"})),

@@ -52,7 +52,7 @@ from metering import hotpath
 from metering import models as m
 from metering.errors import HotPathRejected, HotPathUnavailable
 from metering.flush import flush_usage
-from metering.hotpath import PostRecorder, connect, epoch_hour, hour_keys, script_sha
+from metering.hotpath import PostRecorder, connect, epoch_hour, hour_keys, script_sha, value_bits
 from metering.ingest import ingest_lines
 from metering.records import HostPost, ServicePost
 
@@ -151,7 +151,7 @@ def test_a_repeated_post_changes_nothing_in_redis(store: Store) -> None:
     assert store.client.hget(keys[1], "h-1") != value
 
 
-def test_the_value_is_a_flags_byte_and_a_little_endian_bitmap_of_dense_ids(store: Store) -> None:
+def test_the_value_is_a_flags_byte_and_segments_of_a_little_endian_bitmap_of_dense_ids(store: Store) -> None:
     recorder = PostRecorder(store.client)
     names = [f"m{i}" for i in range(10)]
     recorder.record(post(*names[:9]))                          # ids 0..8 in order
@@ -166,13 +166,34 @@ def test_the_value_is_a_flags_byte_and_a_little_endian_bitmap_of_dense_ids(store
         n: i for i, n in enumerate(names)}
     assert {k.decode(): int(v) for k, v in store.client.hgetall(dict_service).items()} == {
         "req": 0, "lat": 1}
+    # flags, then segments: 3 bytes of zero bytes skipped, 1 byte of length, the bitmap bytes
     assert store.client.hgetall(hour_host) == {
-        b"h-1": bytes([1, 0xFF, 0x01]),          # standard; ids 0..8
-        b"h-2": bytes([1 | 2, 0x09, 0x02]),      # standard and micro; ids 0, 3, 9
+        b"h-1": bytes([1, 0, 0, 0, 2, 0xFF, 0x01]),      # standard; ids 0..8
+        b"h-2": bytes([1 | 2, 0, 0, 0, 2, 0x09, 0x02]),  # standard and micro; ids 0, 3, 9
     }
-    assert store.client.hgetall(hour_service) == {b"web": bytes([4, 0x03]),
-                                                  b"db": bytes([4, 0x02])}
+    assert store.client.hgetall(hour_service) == {b"web": bytes([4, 0, 0, 0, 1, 0x03]),
+                                                  b"db": bytes([4, 0, 0, 0, 1, 0x02])}
     assert store.client.get(posts) == b"5"  # host and service posts share the hour's counter
+
+
+def test_runs_of_zero_bytes_longer_than_a_segment_header_are_skipped(store: Store) -> None:
+    """A host with the tenant's first name and its hundredth: two segments, not a bitmap of
+    13 bytes; bytes 5 apart stay in one segment (a new header would cost as much)."""
+    recorder = PostRecorder(store.client)
+    names = [f"a{i:02d}" for i in range(100)]
+    recorder.record(post(*names))                                # ids 0..99
+    recorder.record(post("a00", "a99", host="far"))              # bytes 0 and 12
+    recorder.record(post("a00", "a40", host="near"))             # bytes 0 and 5
+    hour_host = hour_keys("acme", "host", HOUR_NO)[1]
+    far = store.client.hget(hour_host, "far")
+    near = store.client.hget(hour_host, "near")
+    assert far == bytes([1, 0, 0, 0, 1, 0x01, 0, 0, 11, 1, 0x08])
+    assert near == bytes([1, 0, 0, 0, 6, 0x01, 0, 0, 0, 0, 0x01])
+    assert value_bits(far) == 1 | 1 << 99 and value_bits(near) == 1 | 1 << 40
+    recorder.record(post("a50", host="far"))                      # byte 6 joins nothing
+    far = store.client.hget(hour_host, "far")
+    assert far == bytes([1, 0, 0, 0, 1, 0x01, 0, 0, 5, 1, 0x04, 0, 0, 5, 1, 0x08])
+    assert value_bits(far) == 1 | 1 << 50 | 1 << 99
 
 
 # --- 2. language-neutral: redis-cli and the helper, byte for byte and billed -------------------
@@ -235,8 +256,8 @@ def test_a_post_of_33000_names_equals_ingest(store: Store, engine: Engine,
     for p in posts:
         recorder.record(p)
     value = store.client.hget(hour_keys("acme", "host", HOUR_NO)[1], "h-1")
-    assert len(value) == 1 + 33_000 // 8
-    assert value[1:] == b"\xff" * (33_000 // 8)
+    assert value_bits(value) == (1 << 33_000) - 1  # every id, none else
+    assert len(value) == 1 + (33_000 // 8 // 255 + 1) * 4 + 33_000 // 8  # full segments
     flush_usage(engine, store.client, release_before=None)
     other, _ = twin
     ingest_lines(other, [ingest_line(p) for p in posts])

@@ -58,7 +58,7 @@ from jobs.synthetic.bench.checks import Check, hot_path_checks
 from jobs.synthetic.bench.posts import Agent, agents, posted_names
 from jobs.synthetic.bench.tiers import BenchTier, Progress, no_progress
 from metering.db import UTCDateTime
-from metering.hotpath import PIPELINE_CHUNK, PostRecorder, connect, hour_keys
+from metering.hotpath import PIPELINE_CHUNK, PostRecorder, connect, hour_keys, value_bits
 from metering.ingest import UsageRecorder
 from metering.records import HostPost
 from metering.timeutil import HOUR
@@ -602,7 +602,7 @@ def _time_read_floor(client: Any, tenants: list[str], hour: datetime
     seconds = time.perf_counter() - started
     rows = [{"tenant": tenant, "host": host.decode("utf-8", "replace"), "hour": hour,
              "standard": bool(value[0] & 1),
-             "metric_count": int.from_bytes(value[1:], "little").bit_count(),
+             "metric_count": value_bits(value).bit_count(),
              "metric_bits": value[1:]}
             for tenant, hashed in zip(tenants, replies, strict=True)
             for host, value in hashed.items()]
