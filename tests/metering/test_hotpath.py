@@ -151,7 +151,7 @@ def test_a_repeated_post_changes_nothing_in_redis(store: Store) -> None:
     assert store.client.hget(keys[1], "h-1") != value
 
 
-def test_the_value_is_a_flags_byte_and_segments_of_a_little_endian_bitmap_of_dense_ids(store: Store) -> None:
+def test_the_value_is_a_flags_byte_and_segments_of_a_bitmap_of_dense_ids(store: Store) -> None:
     recorder = PostRecorder(store.client)
     names = [f"m{i}" for i in range(10)]
     recorder.record(post(*names[:9]))                          # ids 0..8 in order
