@@ -51,6 +51,9 @@ NOISY = "hostmeter.tenants.noisy"
 FLAGGED_SERIES = ("hosts", "metrics")
 HOLD = 20_000
 """Tenant-hour values held before they are written."""
+REFRESH = 50_000
+"""Touched tenant-hours whose fleet totals and flags are refreshed at once (a first pass over a
+long history refreshes as it goes, in the order the lines come, so memory stays flat)."""
 _CHUNK = 500
 HOUR = timedelta(hours=1)
 
@@ -129,6 +132,7 @@ class TenantEvents:
         self.touched: set[tuple[datetime, str]] = set()
         self.events = 0
         self.ignored = 0
+        self.refreshed = 0
 
     def feed(self, event: str, raw: bytes | str) -> None:
         """One line whose ``event`` is in :data:`EVENTS` (a line without the fields is ignored
@@ -160,6 +164,8 @@ class TenantEvents:
         self.events += 1
         if len(self.latest) + len(self.posts) >= HOLD:
             self._write()
+            if len(self.touched) >= REFRESH:
+                self._refresh()
 
     def _write(self) -> None:
         now_rows = [{"series": s, "hour": h, "tenant": t, "value": v, "seen_at": at}
@@ -186,12 +192,17 @@ class TenantEvents:
         """Write what is held, then the fleet totals and the flags of the touched hours;
         returns the tenant-hours touched."""
         self._write()
+        self._refresh()
+        return self.refreshed
+
+    def _refresh(self) -> None:
         if not self.touched:
-            return 0
+            return
         hours = sorted({h for h, _ in self.touched})
         self._flags(hours)
         self._fleet(hours)
-        return len(self.touched)
+        self.refreshed += len(self.touched)
+        self.touched = set()
 
     def _fleet(self, hours: list[datetime]) -> None:
         s = tenant_series
@@ -294,3 +305,50 @@ def top_tenants(conn: Connection, series: str, hour: datetime, limit: int
     return [(t, int(v)) for t, v in conn.execute(
         sa.select(s.c.tenant, s.c.value).where(s.c.series == series, s.c.hour == hour)
         .order_by(s.c.value.desc(), s.c.tenant).limit(limit))]
+
+
+# --- reading, for the dashboard ---------------------------------------------------------------
+
+
+def latest_hour(conn: Connection, series: str) -> datetime | None:
+    """The newest hour of ``series`` (one seek on the primary key, which leads with it)."""
+    s = tenant_series
+    hour = conn.execute(sa.select(sa.func.max(s.c.hour)).where(s.c.series == series)
+                        ).scalar_one()
+    return None if hour is None else hour.astimezone(UTC)
+
+
+def growth(conn: Connection, series: str, hour: datetime, baseline: datetime, limit: int
+           ) -> list[tuple[str, int, int | None]]:
+    """(tenant, value at ``hour``, value at ``baseline`` or None) of the ``limit`` tenants
+    whose ``series`` grew most from ``baseline`` to ``hour`` (a tenant with no value at
+    ``baseline`` grew from 0), largest growth first, only those that grew.
+
+    Reads the two hours only (two ranges of the primary key), whatever the history.
+    """
+    cur, prev = tenant_series.alias("cur"), tenant_series.alias("prev")
+    delta = cur.c.value - sa.func.coalesce(prev.c.value, 0)
+    return [(t, int(v), None if p is None else int(p)) for t, v, p in conn.execute(
+        sa.select(cur.c.tenant, cur.c.value, prev.c.value)
+        .outerjoin(prev, sa.and_(prev.c.series == cur.c.series, prev.c.hour == baseline,
+                                 prev.c.tenant == cur.c.tenant))
+        .where(cur.c.series == series, cur.c.hour == hour, delta > 0)
+        .order_by(delta.desc(), cur.c.tenant).limit(limit))]
+
+
+def recent_flags(conn: Connection, *, since: datetime, limit: int
+                 ) -> tuple[list[dict[str, Any]], int]:
+    """The ``limit`` newest flagged tenant-hours from ``since`` on (within an hour, the
+    largest value / median first) and how many there are from ``since`` on; both read the
+    ``hour`` index from ``since``, not the whole history."""
+    f = tenant_flags
+    recent = f.c.hour >= since
+    rows = [dict(r) for r in conn.execute(
+        sa.select(f).where(recent)
+        .order_by(f.c.hour.desc(),
+                  (sa.cast(f.c.value, sa.Float) / sa.cast(f.c.median, sa.Float)).desc(),
+                  f.c.series, f.c.tenant)
+        .limit(limit)).mappings()]
+    total = int(conn.execute(sa.select(sa.func.count()).select_from(f).where(recent))
+                .scalar_one())
+    return rows, total

@@ -206,3 +206,21 @@ def test_two_passes_at_once_sum_posts_once(engine: Engine, db_url: str, tmp_path
         e.dispose()
     assert not errors, errors
     assert sum(series(engine, "posts").values()) == 2000
+
+
+def test_a_long_pass_refreshes_as_it_goes_with_the_same_result(
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values written and flags refreshed every few lines (as a first pass over a long history
+    does, to keep memory flat) give the flags and totals of one refresh at the end."""
+    monkeypatch.setattr(tn, "HOLD", 3)
+    monkeypatch.setattr(tn, "REFRESH", 5)
+    log = tmp_path / "hostmeter.jsonl"
+    jump = H0 + timedelta(hours=24)
+    log.write_text(_steady("noisy", 24, 10) + _steady("calm", 24, 10)
+                   + tenant_hour("noisy", jump, 30, 0, 1000) + tenant_hour("calm", jump, 11))
+    out = lm.aggregate(engine, [log], now=NOW)
+    assert out.tenant_hours == 50
+    assert flags(engine) == [("hosts", "noisy", "2026-11-02T00:00:00Z", 30, Decimal(10))]
+    hosts = fleet(engine, tn.FLEET_METRICS["hosts"])
+    assert len(hosts) == 25 and hosts["2026-11-02T00:00:00Z"] == 41
+    assert set(hosts.values()) == {Decimal(20), Decimal(41)}
