@@ -58,5 +58,5 @@ def run(ctx: JobContext, logical_time: datetime, *, logs: Sequence[str] = (),
             counts.update(export_mackerel(ctx.engine, mackerel, now=now, budget=budget))
         elif name == "prometheus":
             target = Path(textfile or Path(ctx.settings.log_dir) / "hostmeter.prom")
-            counts.update(write_prometheus(ctx.engine, ctx.settings.zone, target))
+            counts.update(write_prometheus(ctx.engine, ctx.settings.zone, target, now=now))
     return counts

@@ -66,13 +66,18 @@ def aggregate_cmd(logs: tuple[str, ...], log_groups: tuple[str, ...], exports: t
 @click.option("--port", type=click.IntRange(1, 65535), default=9464, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 def serve_cmd(port: int, host: str) -> None:
-    """Serve the Prometheus exposition on http://HOST:PORT/metrics until Ctrl-C."""
-    from jobs.monitoring.exports import prometheus_registry
+    """Serve the Prometheus exposition on http://HOST:PORT/metrics until Ctrl-C.
+
+    Per tenant it shows the HOSTMETER_EXPORT_TOP_TENANTS (default 10) largest tenants of each
+    series and the noisiest flagged ones, never every tenant."""
+    from jobs.monitoring.exports import prometheus_registry, top_tenants_from_env
     from jobs.monitoring.prometheus import serve
 
+    top = top_tenants_from_env()  # a bad value stops here, not at every scrape
     state = current_state()
     engine = state.engine()
-    server = serve(port, lambda: prometheus_registry(engine, state.settings.zone), host=host)
+    server = serve(port, lambda: prometheus_registry(engine, state.settings.zone, top=top),
+                   host=host)
     click.echo(f"serving http://{host}:{port}/metrics; Ctrl-C to stop", err=True)
     _until_interrupted(server.shutdown)
 

@@ -33,6 +33,25 @@ logged:
 | HOSTMETER_MACKEREL_SERVICE  | the Mackerel service (default ``hostmeter``)                |
 | HOSTMETER_AGGREGATE_BUDGET_S | seconds one ``aggregate-job-logs`` pass may take (120)     |
 | HOSTMETER_PROMETHEUS_TEXTFILE | where ``aggregate-job-logs`` writes the textfile          |
+| HOSTMETER_EXPORT_TOP_TENANTS | tenants shown per series in Prometheus (10; 1 to 1000)     |
+
+What goes where from the per-tenant series (:mod:`jobs.monitoring.tenants`):
+
+- **Mackerel service metrics** get the fleet totals and the noisy count, which the log pass
+  writes as ``job_metrics`` points (bucket = the UTC hour): ``hostmeter.fleet.hosts``,
+  ``hostmeter.fleet.metrics``, ``hostmeter.fleet.posts`` and ``hostmeter.tenants.noisy``,
+  delivered per point like every other point above (a re-snapshot that changes an hour's total
+  sends that hour's point again; an unchanged point is not sent again). **No per-tenant
+  points**: a tenant in a metric name is a new, never-deleted series per customer (and
+  customer text, squeezed into ``[a-zA-Z0-9._-]``, where ``a.b`` and ``a_b`` collide); rank
+  names (``rank_1`` … ``rank_N``) are bounded but each line jumps between tenants from hour to
+  hour with nothing saying whose it is (a graph annotation per hour is not idempotent, so
+  retries would duplicate it). Who the large and the noisy tenants are is in Prometheus
+  (below), which the OpenTelemetry Collector (``infra/otel-collector``) forwards to Mackerel as
+  labeled metrics, bounded the same way.
+- **Prometheus** (:func:`prometheus_registry`, :func:`tenant_gauges`): the fleet totals and,
+  per tenant, the top N of each series plus the noisiest flagged tenants (see
+  :mod:`jobs.monitoring.prometheus`).
 """
 
 from __future__ import annotations
@@ -45,7 +64,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
@@ -53,21 +72,36 @@ from sqlalchemy.engine import Connection, Engine
 
 from jobs.monitoring.logmetrics import job_statuses, malformed_total, months, overdue_counts
 from jobs.monitoring.metricdata import MetricPoint
-from jobs.monitoring.store import export_checkpoints, export_deliveries, job_metrics
+from jobs.monitoring.store import (
+    export_checkpoints,
+    export_deliveries,
+    job_metrics,
+    tenant_flags,
+    tenant_series,
+)
 from jobs.runtime.errors import BadTrigger
 from jobs.runtime.locks import key_lock
 from metering.db import reading, upsert
+from metering.display import quote_name
 from metering.errors import ConfigError
 
 __all__ = [
     "DEFAULT_BUDGET_S",
+    "DEFAULT_TOP_TENANTS",
     "IN_DOUBT_SETTLE",
+    "MAX_TOP_TENANTS",
+    "TENANT_FRESH",
     "MackerelSettings",
     "PassBudget",
     "export_mackerel",
     "prometheus_registry",
+    "tenant_gauges",
+    "top_tenants_from_env",
     "write_prometheus",
 ]
+
+if TYPE_CHECKING:
+    from jobs.monitoring.prometheus import TenantGauges
 
 log = structlog.get_logger("hostmeter.exports")
 
@@ -76,6 +110,13 @@ DEFAULT_BUDGET_S = 120.0
 IN_DOUBT_SETTLE = timedelta(minutes=10)
 """How long a request cut off after it was sent may still be applied by Mackerel. Its points
 are sent once more after this, so that the last value to land is the store's."""
+DEFAULT_TOP_TENANTS = 10
+"""Tenants shown per series in Prometheus unless ``HOSTMETER_EXPORT_TOP_TENANTS`` says."""
+MAX_TOP_TENANTS = 1000
+"""The most ``HOSTMETER_EXPORT_TOP_TENANTS`` may be: 8,000 per-tenant series a scrape, so a
+typo cannot turn the exposition into a per-customer dump."""
+TENANT_FRESH = timedelta(hours=24)
+"""An hour of the tenant series older than this (before the current hour) is not exported."""
 _RESERVE_S = 2.0
 EXPORTER = "mackerel"
 _POINT_KEY = ("bucket", "name", "job", "status")
@@ -289,21 +330,102 @@ def _export_locked(engine: Engine, settings: MackerelSettings, *, now: datetime,
             "mackerel_in_doubt": len(result.in_doubt)}
 
 
-def prometheus_registry(engine: Engine, zone: Any, *, now: datetime | None = None) -> Any:
+def top_tenants_from_env(env: Mapping[str, str] | None = None) -> int:
+    """``HOSTMETER_EXPORT_TOP_TENANTS``: a whole number from 1 to :data:`MAX_TOP_TENANTS`
+    (default :data:`DEFAULT_TOP_TENANTS`), or a one-line :class:`ConfigError`."""
+    env = os.environ if env is None else env
+    raw = env.get("HOSTMETER_EXPORT_TOP_TENANTS") or ""
+    if not raw.strip():
+        return DEFAULT_TOP_TENANTS
+    try:
+        top = int(raw)
+    except ValueError:
+        top = 0
+    if not 1 <= top <= MAX_TOP_TENANTS:
+        raise ConfigError(
+            f"HOSTMETER_EXPORT_TOP_TENANTS must be a whole number from 1 to {MAX_TOP_TENANTS}, "
+            f"not {quote_name(raw, limit=40)}", setting="HOSTMETER_EXPORT_TOP_TENANTS")
+    return top
+
+
+def _newest_hour(conn: Connection, series: str, *, before: datetime) -> datetime | None:
+    """The newest hour of ``series`` in [``before`` - :data:`TENANT_FRESH`, ``before``): one
+    descending seek on the primary key (series, hour, tenant)."""
+    s = tenant_series
+    hour: datetime | None = conn.execute(
+        sa.select(s.c.hour).where(s.c.series == series, s.c.hour < before,
+                                  s.c.hour >= before - TENANT_FRESH)
+        .order_by(s.c.hour.desc()).limit(1)).scalar_one_or_none()
+    return hour
+
+
+def tenant_gauges(conn: Connection, *, now: datetime, top: int) -> TenantGauges:
+    """The :class:`~jobs.monitoring.prometheus.TenantGauges` at ``now``: each series' newest
+    complete hour (``hosts``/``metrics``/flags: the snapshot hour), its fleet total, its ``top``
+    largest tenants, and the ``top`` noisiest tenants flagged in the snapshot hour (by value /
+    trailing median; ties by name) with all their values. Reads a few hours of the primary key
+    and the flags' hour index, whatever the history."""
+    from jobs.monitoring.prometheus import TENANT_SERIES, TenantGauges
+    from jobs.monitoring.tenants import top_tenants
+
+    current = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    snapshot = _newest_hour(conn, "hosts", before=current)
+    hours = {"hosts": snapshot, "metrics": snapshot,
+             "posts": _newest_hour(conn, "posts", before=current)}
+    noisiest: dict[str, Decimal] = {}
+    flags: list[tuple[str, str]] = []
+    if snapshot is not None:
+        f = tenant_flags
+        for tenant, series, value, median in conn.execute(
+                sa.select(f.c.tenant, f.c.series, f.c.value, f.c.median)
+                .where(f.c.hour == snapshot)):
+            ratio = Decimal(value) / Decimal(median) if median else Decimal("Infinity")
+            noisiest[tenant] = max(ratio, noisiest.get(tenant, ratio))
+            flags.append((tenant, series))
+    shown = sorted(noisiest, key=lambda t: (-noisiest[t], t))[:top]
+    s = tenant_series
+    fleet: dict[str, int] = {}
+    values: dict[str, dict[str, int]] = {}
+    for series in TENANT_SERIES:
+        hour = hours[series]
+        if hour is None:
+            continue
+        here = sa.and_(s.c.series == series, s.c.hour == hour)
+        fleet[series] = int(conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(s.c.value), 0)).where(here)).scalar_one())
+        values[series] = dict(top_tenants(conn, series, hour, top))
+        missing = [t for t in shown if t not in values[series]]
+        if missing:
+            values[series].update((t, int(v)) for t, v in conn.execute(
+                sa.select(s.c.tenant, s.c.value).where(here, s.c.tenant.in_(missing))))
+    return TenantGauges(
+        hours={k: v for k, v in hours.items() if v is not None}, fleet=fleet,
+        noisy=len(noisiest) if snapshot is not None else None, tenants=values,
+        flagged=tuple(sorted(flag for flag in flags if flag[0] in set(shown))))
+
+
+def prometheus_registry(engine: Engine, zone: Any, *, now: datetime | None = None,
+                        top: int | None = None) -> Any:
     """A fresh registry of the current job statuses, overdue runs (at ``now``, default the wall
-    clock) and billing months."""
+    clock), billing months and tenant gauges (``top`` tenants per series, default
+    ``HOSTMETER_EXPORT_TOP_TENANTS``)."""
     from jobs.monitoring.prometheus import build_registry
 
+    now = now or datetime.now(UTC)
+    top = top if top is not None else top_tenants_from_env()
     with reading(engine) as conn:
-        overdue = overdue_counts(conn, now or datetime.now(UTC))
+        overdue = overdue_counts(conn, now)
+        tenants = tenant_gauges(conn, now=now, top=top)
     return build_registry(job_statuses(engine), months(engine, zone),
-                          malformed_lines=malformed_total(engine), overdue=overdue)
+                          malformed_lines=malformed_total(engine), overdue=overdue,
+                          tenants=tenants)
 
 
-def write_prometheus(engine: Engine, zone: Any, path: Path) -> dict[str, Any]:
+def write_prometheus(engine: Engine, zone: Any, path: Path, *,
+                     now: datetime | None = None) -> dict[str, Any]:
     from jobs.monitoring.prometheus import write_textfile
 
     if not path.parent.is_dir():
         raise BadTrigger(f"textfile directory {path.parent} does not exist", path=str(path))
-    write_textfile(str(path), prometheus_registry(engine, zone))
+    write_textfile(str(path), prometheus_registry(engine, zone, now=now))
     return {"prometheus_textfile": str(path)}

@@ -27,9 +27,18 @@ Graphs
         hostmeter.billing.invoices_written job         a line per job (also standard_units,
                                                        micro_units, amount in minor units)
         hostmeter.logs.malformed_lines    -            hostmeter.logs
+        hostmeter.fleet.hosts             -            hostmeter.fleet: a line each for hosts,
+        hostmeter.fleet.metrics           -            metrics and posts of the whole fleet
+        hostmeter.fleet.posts             -            per UTC hour (point time = the hour)
+        hostmeter.tenants.noisy           -            hostmeter.tenants: tenants flagged as
+                                                       noisy neighbours per UTC hour
 
     A metric without labels must be the only unlabelled one under its parent name, or it shares
-    a graph with a stranger.
+    a graph with a stranger; the fleet totals share ``hostmeter.fleet`` on purpose (one capacity
+    graph; their scales differ, so hide a line from the legend to read the others).
+
+    Per-tenant values are not service metrics (see :mod:`jobs.monitoring.exports` for why):
+    the names stay a fixed set, whatever the number of tenants or what they are called.
 
     The graph-definition API (``POST /api/v0/graph-defs/create``) is for *host* custom metrics
     (names start with ``custom.``); it does not change how service metrics are drawn.
@@ -200,6 +209,14 @@ GROUPS: tuple[MetricGroup, ...] = (
                 title="Billed amount (minor units of the catalog currency)"),
     MetricGroup(name="hostmeter.logs.malformed_lines", labels=(), unit="integer",
                 title="Malformed log lines"),
+    MetricGroup(name="hostmeter.fleet.hosts", labels=(), unit="integer",
+                title="Fleet per hour: hosts, host metrics, posts"),
+    MetricGroup(name="hostmeter.fleet.metrics", labels=(), unit="integer",
+                title="Fleet per hour: hosts, host metrics, posts"),
+    MetricGroup(name="hostmeter.fleet.posts", labels=(), unit="integer",
+                title="Fleet per hour: hosts, host metrics, posts"),
+    MetricGroup(name="hostmeter.tenants.noisy", labels=(), unit="integer",
+                title="Noisy-neighbour tenants per hour"),
 )  # fmt: skip
 """The metric groups hostmeter exports; see the module docstring for how they become graphs."""
 
@@ -214,8 +231,10 @@ def graph_definitions() -> list[dict[str, Any]]:
     """Graph definitions for :data:`GROUPS` in Mackerel's ``graph-defs/create`` format.
 
     ``#`` in a graph name makes one graph per value of that segment; ``*`` is a series.
+    Unlabelled groups under the same parent name (the fleet totals) are one graph with a
+    metric each, titled and united by the first of them.
     """
-    defs: list[dict[str, Any]] = []
+    defs: dict[str, dict[str, Any]] = {}
     for group in GROUPS:
         base = f"custom.{group.name}"
         if group.labels:
@@ -224,15 +243,11 @@ def graph_definitions() -> list[dict[str, Any]]:
         else:  # a lone series: the graph is its parent name
             graph, _, _ = base.rpartition(".")
             metric = base
-        defs.append(
-            {
-                "name": graph,
-                "displayName": group.title,
-                "unit": group.unit,
-                "metrics": [{"name": metric, "isStacked": False}],
-            }
+        definition = defs.setdefault(
+            graph, {"name": graph, "displayName": group.title, "unit": group.unit, "metrics": []}
         )
-    return defs
+        definition["metrics"].append({"name": metric, "isStacked": False})
+    return list(defs.values())
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -395,7 +410,7 @@ class MackerelExporter:
         outcome = self._post(path, graph_definitions(), deadline=deadline)
         if not outcome.ok:
             raise MackerelError(_failure(path, outcome), status=outcome.status, sent_until=None)
-        log.info("mackerel_graph_definitions_posted", graphs=len(GROUPS))
+        log.info("mackerel_graph_definitions_posted", graphs=len(graph_definitions()))
         return True
 
     def _timeout(self, left: float) -> httpx.Timeout:

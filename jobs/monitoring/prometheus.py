@@ -21,12 +21,38 @@ Conventions the alert rules in ``infra/prometheus/alerts.yml`` rely on:
 - A job named in ``expected_jobs`` but never successful reports
   ``hostmeter_job_last_success_timestamp_seconds`` 0 (the epoch), so "no success for two
   intervals" fires for a job that never ran instead of staying silent for lack of a series.
+- ``hostmeter_tenant_noisy{tenant, series}`` is 1 for each flagged series of a tenant shown
+  (see below) and absent otherwise; the alert fires on ``== 1``.
+
+Tenants, with bounded cardinality (:class:`TenantGauges`, read by
+:func:`jobs.monitoring.exports.tenant_gauges` from ``tenant_series`` / ``tenant_flags``):
+
+- **Which hour.** ``hosts`` and ``metrics`` describe the *snapshot hour*: the newest UTC hour
+  before the current one that ``snapshot-usage`` has snapshotted. ``posts`` describes the newest
+  hour before the current one with posts (the current hour is still filling up, so it would
+  show a sawtooth). An hour older than :data:`~jobs.monitoring.exports.TENANT_FRESH` is not
+  shown at all: a stopped pipeline shows no data rather than a day-old value, and a day-old
+  flag does not keep an alert firing.
+- **Fleet totals.** ``hostmeter_fleet_hosts``, ``hostmeter_fleet_metrics``,
+  ``hostmeter_fleet_posts``: the sums over *every* tenant in that hour;
+  ``hostmeter_tenants_noisy``: how many tenants are flagged in the snapshot hour ("currently"
+  flagged means flagged in the snapshot hour; the next snapshot clears or keeps it).
+- **Per tenant, top N only.** ``hostmeter_tenant_hosts|metrics|posts{tenant}`` exist for the
+  N largest tenants of that series in its hour, plus the *shown* flagged tenants;
+  ``hostmeter_tenant_noisy{tenant, series}`` for the shown flagged tenants: the N flagged
+  tenants with the largest value / trailing median (all of them when N or fewer are flagged;
+  ``hostmeter_tenants_noisy`` still counts every one). N is ``HOSTMETER_EXPORT_TOP_TENANTS``
+  (default 10). So a scrape holds at most 2N series per tenant value family and 2N noisy
+  series (N tenants × 2 flagged series), 8N per-tenant series in all, however many tenants
+  the fleet has. Tenant keys are customer text: they only ever appear as label values, which
+  prometheus-client escapes (backslash, double quote and line feed).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +72,7 @@ __all__ = [
     "RUN_STATUSES",
     "HostmeterCollector",
     "MetricsServer",
+    "TenantGauges",
     "build_registry",
     "exposition",
     "serve",
@@ -69,11 +96,48 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "hostmeter_billing_amount",
         "hostmeter_snapshot_coverage_ratio",
         "hostmeter_log_malformed_lines_total",
+        "hostmeter_fleet_hosts",
+        "hostmeter_fleet_metrics",
+        "hostmeter_fleet_posts",
+        "hostmeter_tenants_noisy",
+        "hostmeter_tenant_hosts",
+        "hostmeter_tenant_metrics",
+        "hostmeter_tenant_posts",
+        "hostmeter_tenant_noisy",
     }
 )
 """The sample names the exposition can contain (counters with their ``_total``)."""
 
 log = structlog.get_logger("hostmeter.metrics")
+
+TENANT_SERIES: tuple[str, ...] = ("hosts", "metrics", "posts")
+"""The per-tenant series (``tenant_series.series``) with a fleet and a per-tenant family."""
+_FLEET_HELP = {
+    "hosts": "Active hosts (standard + micro) of all tenants in the latest snapshotted UTC hour.",
+    "metrics": "Host metrics of all tenants in the latest snapshotted UTC hour.",
+    "posts": "Metric posts ingested for all tenants in the latest complete UTC hour.",
+}
+_TENANT_HELP = {
+    "hosts": "Active hosts (standard + micro) of the tenant in the latest snapshotted UTC hour",
+    "metrics": "Host metrics of the tenant in the latest snapshotted UTC hour",
+    "posts": "Metric posts ingested for the tenant in the latest complete UTC hour",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantGauges:
+    """What the tenant families show at one scrape (see the module docstring)."""
+
+    hours: Mapping[str, datetime] = field(default_factory=dict)
+    """Series -> the UTC hour its gauges describe (a series without a recent hour is left out)."""
+    fleet: Mapping[str, int] = field(default_factory=dict)
+    """Series -> the total over every tenant in that hour."""
+    noisy: int | None = None
+    """Tenants flagged in the snapshot hour, all of them (``None``: no recent snapshot hour)."""
+    tenants: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """Series -> tenant -> value, for the tenants shown only (top N and shown flagged)."""
+    flagged: tuple[tuple[str, str], ...] = ()
+    """(tenant, series) flagged in the snapshot hour, for the shown flagged tenants only."""
 
 
 def _timestamp(value: datetime) -> float:
@@ -94,7 +158,9 @@ class HostmeterCollector(Collector):
         malformed_lines: int = 0,
         expected_jobs: Sequence[str] = (),
         overdue: Mapping[str, int] | None = None,
+        tenants: TenantGauges | None = None,
     ) -> None:
+        self._tenants = tenants
         self._jobs = {status.job: status for status in jobs}
         self._overdue = dict(overdue or {})
         self._job_names = sorted(set(self._jobs) | set(expected_jobs) | set(self._overdue))
@@ -110,6 +176,42 @@ class HostmeterCollector(Collector):
         )
         malformed.add_metric([], self._malformed_lines)
         yield malformed
+        if self._tenants is not None:
+            yield from self._tenant_families(self._tenants)
+
+    def _tenant_families(self, gauges: TenantGauges) -> Iterator[Metric]:
+        for series in TENANT_SERIES:
+            fleet = GaugeMetricFamily(f"hostmeter_fleet_{series}", _FLEET_HELP[series])
+            if series in gauges.fleet:
+                fleet.add_metric([], gauges.fleet[series])
+            yield fleet
+        noisy = GaugeMetricFamily(
+            "hostmeter_tenants_noisy",
+            "Tenants flagged as noisy neighbours in the latest snapshotted UTC hour.",
+        )
+        if gauges.noisy is not None:
+            noisy.add_metric([], gauges.noisy)
+        yield noisy
+        for series in TENANT_SERIES:
+            family = GaugeMetricFamily(
+                f"hostmeter_tenant_{series}",
+                f"{_TENANT_HELP[series]}; only the top tenants of the hour and the flagged "
+                "ones (HOSTMETER_EXPORT_TOP_TENANTS).",
+                labels=["tenant"],
+            )
+            for tenant, value in sorted(gauges.tenants.get(series, {}).items()):
+                family.add_metric([tenant], value)
+            yield family
+        flagged = GaugeMetricFamily(
+            "hostmeter_tenant_noisy",
+            "1: the tenant's series (hosts, metrics) is at least k times its trailing median "
+            "in the latest snapshotted UTC hour (the noisiest HOSTMETER_EXPORT_TOP_TENANTS "
+            "tenants).",
+            labels=["tenant", "series"],
+        )
+        for tenant, series in sorted(gauges.flagged):
+            flagged.add_metric([tenant, series], 1)
+        yield flagged
 
     def _job_families(self) -> Iterator[Metric]:
         last_success = GaugeMetricFamily(
@@ -224,17 +326,19 @@ def build_registry(
     malformed_lines: int = 0,
     expected_jobs: Sequence[str] = (),
     overdue: Mapping[str, int] | None = None,
+    tenants: TenantGauges | None = None,
 ) -> CollectorRegistry:
     """A fresh registry holding only the hostmeter collector for these values.
 
     ``expected_jobs`` (typically ``jobs.registry.JOBS``) get series even before their first
-    run: runs at 0 for every status and a last-success time of 0.
+    run: runs at 0 for every status and a last-success time of 0. ``tenants`` adds the fleet
+    and per-tenant families (left out when ``None``).
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
         HostmeterCollector(
             jobs, months, malformed_lines=malformed_lines, expected_jobs=expected_jobs,
-            overdue=overdue,
+            overdue=overdue, tenants=tenants,
         )
     )
     return registry

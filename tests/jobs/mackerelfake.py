@@ -98,6 +98,7 @@ class MackerelStandIn:
         self.requests: list[Request] = []
         self.graph_defs: list[list[dict[str, Any]]] = []
         self._held_values: dict[str, dict[int, float]] = {}
+        self._stored: list[dict[str, Any]] = []
         self._scripts: dict[str, deque[Fault]] = {"tsdb": deque(), "graph-defs": deque()}
         self._always: dict[str, Fault | None] = {"tsdb": None, "graph-defs": None}
         self._hung: list[_Held] = []
@@ -143,6 +144,11 @@ class MackerelStandIn:
         with self._lock:
             return {name: dict(times) for name, times in self._held_values.items()}
 
+    def stored(self) -> list[dict[str, Any]]:
+        """Every point the tsdb stored, in the order it stored them (repeats included)."""
+        with self._lock:
+            return list(self._stored)
+
     def tsdb_requests(self) -> list[Request]:
         with self._lock:
             return [r for r in self.requests if r.path.endswith("/tsdb")]
@@ -164,6 +170,7 @@ class MackerelStandIn:
 
     def _store(self, body: list[dict[str, Any]]) -> None:
         with self._lock:
+            self._stored.extend(body)
             for p in body:
                 self._held_values.setdefault(p["name"], {})[int(p["time"])] = float(p["value"])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -368,3 +369,240 @@ def test_a_bad_pass_budget_is_one_clear_error(raw: str) -> None:
     with pytest.raises(ConfigError, match="HOSTMETER_AGGREGATE_BUDGET_S") as info:
         PassBudget.from_env({"HOSTMETER_AGGREGATE_BUDGET_S": raw})
     assert "\n" not in str(info.value)
+
+
+# --- tenants: fleet totals and bounded per-tenant gauges, built through the log pass ----------
+
+J = datetime(2026, 11, 2, 0, 0, tzinfo=UTC)
+"""The hour the noisy tenants jump in; 24 steady hours before it."""
+AT = J + timedelta(hours=1, minutes=10)
+"""Just after J is snapshotted (its lines are logged at J + 1h05): J is the snapshot hour."""
+HOSTILE = 'evil"} 1\nhostmeter_fleet_hosts 9e9 # \\ é'
+"""A tenant key that would forge a sample if label values were not escaped."""
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+def _tenant_hour(tenant: str, hour: datetime, hosts: int, metrics: int, *,
+                 logged: datetime | None = None) -> str:
+    logged = logged or hour + timedelta(hours=1, minutes=5)
+    return json.dumps({"event": "tenant_hour", "level": "info", "timestamp": _iso(logged),
+                       "job": "snapshot-usage", "run_id": "r", "logical_time": _iso(logged),
+                       "tenant": tenant, "hour": _iso(hour), "std": hosts, "micro": 0,
+                       "metrics": metrics, "over": 0, "svc": 0, "mon": 0,
+                       "plan": "standard"}) + "\n"
+
+
+def _ingested(tenant: str, at: datetime, posts: int) -> str:
+    return json.dumps({"event": "tenant_ingested", "level": "info", "timestamp": _iso(at),
+                       "job": "ingest", "run_id": "i", "tenant": tenant, "posts": posts,
+                       "records": posts}) + "\n"
+
+
+# tenant -> (hosts, metrics) for the 24 steady hours, then in J
+FLEET: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "big-a": ((500, 50_000), (500, 50_000)),
+    HOSTILE: ((450, 45_000), (450, 45_000)),
+    "big-b": ((400, 40_000), (400, 40_000)),
+    "mid": ((300, 1_000), (300, 1_000)),  # 4th by hosts: not shown with N = 3
+    "noisy-6x": ((10, 100), (60, 100)),  # hosts x6
+    "noisy-5x": ((10, 1_000), (10, 5_000)),  # metrics x5
+    "noisy-4x": ((10, 100), (40, 100)),  # hosts x4
+    "noisy-3.1x": ((10, 100), (31, 100)),  # hosts x3.1: the 4th flagged, not shown with N = 3
+    **{f"small-{i}": ((12 + i, 200), (12 + i, 200)) for i in range(6)},
+}
+# tenant -> posts ingested in J (the hour after is still filling up)
+POSTS = {"chatty": 10_000, "big-a": 5_000, "big-b": 3_000, "mid": 1_000, "noisy-6x": 50}
+
+
+def _fleet_logs(tmp_path: Path) -> Path:
+    lines = []
+    for tenant, ((hosts, metrics), jump) in FLEET.items():
+        lines += [_tenant_hour(tenant, J - timedelta(hours=h), hosts, metrics)
+                  for h in range(24, 0, -1)]
+        lines.append(_tenant_hour(tenant, J, *jump))
+    lines += [_ingested(tenant, J + timedelta(minutes=10), n) for tenant, n in POSTS.items()]
+    lines.append(_ingested("chatty", J + timedelta(hours=1, minutes=2), 99_999))  # current hour
+    return _append(tmp_path / "logs" / "hostmeter.jsonl", *lines)
+
+
+def _tenant_samples(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """hostmeter_fleet_* / hostmeter_tenant* sample name -> {sorted labels: value}."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith(("hostmeter_fleet_", "hostmeter_tenant")):
+                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def _tenants(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
+    return {dict(labels)["tenant"]: value for labels, value in samples.items()}
+
+
+def _sums(engine: Engine, hour: datetime) -> dict[str, int]:
+    import sqlalchemy as sa
+
+    from jobs.monitoring.store import tenant_series as s
+
+    with engine.connect() as conn:
+        return {series: int(total) for series, total in conn.execute(
+            sa.select(s.c.series, sa.func.sum(s.c.value)).where(s.c.hour == hour)
+            .group_by(s.c.series))}
+
+
+def test_prometheus_shows_the_fleet_and_only_the_top_n_and_the_noisiest_tenants(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOSTMETER_EXPORT_TOP_TENANTS", "3")
+    lm.aggregate(engine, [_fleet_logs(tmp_path)], now=AT)
+    path = tmp_path / "hostmeter.prom"
+    write_prometheus(engine, Settings().zone, path, now=AT)
+    text = path.read_text()
+    got = _tenant_samples(text)
+
+    # fleet totals: every tenant of the hour, whatever is shown per tenant
+    sums = _sums(engine, J)
+    assert sums["hosts"] == sum(jump[0] for _, jump in FLEET.values())
+    assert sums["posts"] == sum(POSTS.values())  # the 99,999 of the current hour are not in
+    assert got["hostmeter_fleet_hosts"] == {(): sums["hosts"]}
+    assert got["hostmeter_fleet_metrics"] == {(): sums["metrics"]}
+    assert got["hostmeter_fleet_posts"] == {(): sums["posts"]}
+    assert got["hostmeter_tenants_noisy"] == {(): 4}  # every flagged tenant is counted
+
+    # per tenant: the top 3 of each series plus the 3 noisiest flagged, nothing else
+    shown_noisy = {"noisy-6x", "noisy-5x", "noisy-4x"}
+    hosts = _tenants(got["hostmeter_tenant_hosts"])
+    assert set(hosts) == {"big-a", HOSTILE, "big-b"} | shown_noisy
+    assert hosts == {t: FLEET[t][1][0] for t in hosts}
+    metrics = _tenants(got["hostmeter_tenant_metrics"])
+    assert metrics == {t: FLEET[t][1][1] for t in {"big-a", HOSTILE, "big-b"} | shown_noisy}
+    # posts: a flagged tenant without posts in the hour has no posts series (not a made-up 0)
+    assert _tenants(got["hostmeter_tenant_posts"]) == {
+        "chatty": 10_000, "big-a": 5_000, "big-b": 3_000, "noisy-6x": 50}
+    assert set(got["hostmeter_tenant_noisy"]) == {
+        (("series", "hosts"), ("tenant", "noisy-6x")),
+        (("series", "metrics"), ("tenant", "noisy-5x")),
+        (("series", "hosts"), ("tenant", "noisy-4x"))}
+    assert set(got["hostmeter_tenant_noisy"].values()) == {1.0}
+    assert "mid" not in text and "noisy-3.1x" not in text and "small-" not in text
+
+    # the hostile key is one escaped label value, parsed back as it was; it forged no sample
+    lines = text.splitlines()
+    escaped = r'evil\"} 1\nhostmeter_fleet_hosts 9e9 # \\ é'
+    assert f'hostmeter_tenant_hosts{{tenant="{escaped}"}} 450.0' in lines
+    assert [ln for ln in lines if ln.startswith("hostmeter_fleet_hosts")] == [
+        f"hostmeter_fleet_hosts {float(sums['hosts'])}"]
+
+
+def test_the_cardinality_bound_holds_whatever_n(engine: Engine, tmp_path: Path) -> None:
+    from jobs.monitoring.exports import prometheus_registry
+    from jobs.monitoring.prometheus import exposition
+
+    lm.aggregate(engine, [_fleet_logs(tmp_path)], now=AT)
+    for top in (1, 2, 3, 5, 10, 1000):
+        got = _tenant_samples(exposition(
+            prometheus_registry(engine, Settings().zone, now=AT, top=top)).decode())
+        noisy = {dict(labels)["tenant"] for labels in got["hostmeter_tenant_noisy"]}
+        assert len(noisy) == min(top, 4)
+        assert len(got["hostmeter_tenant_noisy"]) <= 2 * top
+        for series in ("hosts", "metrics", "posts"):
+            shown = set(_tenants(got[f"hostmeter_tenant_{series}"]))
+            assert len(shown) <= 2 * top
+            assert shown <= set(FLEET) | set(POSTS)
+        assert got["hostmeter_tenants_noisy"] == {(): 4}
+
+
+def test_flags_and_values_of_a_stale_hour_are_not_exported(engine: Engine,
+                                                           tmp_path: Path) -> None:
+    """Snapshots stopped a day ago: no gauge pretends to be current, no alert stays on."""
+    from jobs.monitoring.exports import prometheus_registry
+    from jobs.monitoring.prometheus import exposition
+
+    lm.aggregate(engine, [_fleet_logs(tmp_path)], now=AT)
+    later = J + timedelta(hours=26, minutes=10)  # J and J + 1h (posts) both over a day old
+    got = _tenant_samples(exposition(
+        prometheus_registry(engine, Settings().zone, now=later, top=3)).decode())
+    assert got == {}
+    # an hour later than J but within the day: J is still the latest, and shown
+    got = _tenant_samples(exposition(
+        prometheus_registry(engine, Settings().zone, now=J + timedelta(hours=5), top=3)).decode())
+    assert got["hostmeter_tenants_noisy"] == {(): 4}
+
+
+@pytest.mark.parametrize(("raw", "top"), [(None, 10), ("", 10), ("3", 3), (" 25 ", 25),
+                                          ("1000", 1000)])
+def test_the_top_tenants_setting(raw: str | None, top: int) -> None:
+    from jobs.monitoring.exports import top_tenants_from_env
+
+    env = {} if raw is None else {"HOSTMETER_EXPORT_TOP_TENANTS": raw}
+    assert top_tenants_from_env(env) == top
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "1001", "ten", "2.5", "1e3", "3\nx" * 50])
+def test_a_bad_top_tenants_setting_is_one_clear_error(raw: str) -> None:
+    from jobs.monitoring.exports import top_tenants_from_env
+
+    with pytest.raises(ConfigError, match="HOSTMETER_EXPORT_TOP_TENANTS") as info:
+        top_tenants_from_env({"HOSTMETER_EXPORT_TOP_TENANTS": raw})
+    assert "\n" not in str(info.value) and len(str(info.value)) < 200
+
+
+def test_metrics_serve_refuses_a_bad_top_tenants_setting_at_start(tmp_path: Path) -> None:
+    env = {**os.environ, "HOSTMETER_EXPORT_TOP_TENANTS": "all",
+           "HOSTMETER_DATABASE_URL": f"sqlite:///{tmp_path / 'hm.db'}",
+           "HOSTMETER_LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "metrics", "serve", "--port", "1"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("{")]
+    assert errors == ["hostmeter: error: HOSTMETER_EXPORT_TOP_TENANTS must be a whole number "
+                      "from 1 to 1000, not 'all'"]
+
+
+_MACKEREL_NAME = re.compile(r"[a-zA-Z0-9._-]+")
+
+
+def test_fleet_totals_reach_mackerel_once_and_a_resnapshot_only_its_point(
+    engine: Engine, tmp_path: Path, mackerel: MackerelStandIn,
+) -> None:
+    log = _fleet_logs(tmp_path)
+    lm.aggregate(engine, [log], now=AT)
+    settings = MackerelSettings(api_key=KEY, base_url=mackerel.base_url)
+    export_mackerel(engine, settings, now=AT)
+
+    stored = mackerel.stored()
+    names = {p["name"] for p in stored}
+    assert names == {"hostmeter.fleet.hosts", "hostmeter.fleet.metrics",
+                     "hostmeter.fleet.posts", "hostmeter.tenants.noisy"}
+    assert all(_MACKEREL_NAME.fullmatch(n) for n in names)  # no tenant text in any name
+    keys = [(p["name"], p["time"]) for p in stored]
+    assert len(keys) == len(set(keys))  # each point once
+    held = mackerel.state()
+    assert held == store_state(engine, AT)
+    hour = int(J.timestamp())
+    sums = _sums(engine, J)
+    assert held["hostmeter.fleet.hosts"][hour] == sums["hosts"]
+    assert held["hostmeter.fleet.metrics"][hour] == sums["metrics"]
+    assert held["hostmeter.fleet.posts"] == {hour: sums["posts"], hour + 3600: 99_999}
+    assert held["hostmeter.tenants.noisy"][hour] == 4
+    # the hours past Mackerel's day were not sent (recorded too_old, not retried)
+    assert min(p["time"] for p in stored) >= int((AT - timedelta(hours=24)).timestamp())
+
+    # nothing new: nothing sent
+    requests = len(mackerel.tsdb_requests())
+    lm.aggregate(engine, [log], now=AT)
+    assert export_mackerel(engine, settings, now=AT)["mackerel_sent"] == 0
+    assert len(mackerel.tsdb_requests()) == requests
+
+    # a look-back re-snapshot of J changes one tenant's hosts: only that hour's total again
+    later = AT + timedelta(minutes=5)
+    _append(log, _tenant_hour("big-a", J, 520, 50_000, logged=AT + timedelta(minutes=3)))
+    lm.aggregate(engine, [log], now=later)
+    export_mackerel(engine, settings, now=later)
+    again = mackerel.stored()[len(stored):]
+    assert again == [{"name": "hostmeter.fleet.hosts", "time": hour,
+                      "value": float(sums["hosts"] + 20)}]
+    assert mackerel.state() == store_state(engine, later)

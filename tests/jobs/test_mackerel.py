@@ -292,14 +292,30 @@ def test_graph_definitions_are_posted_and_match_the_exported_names() -> None:
     assert defs["custom.hostmeter.job.runs.#"]["metrics"] == [
         {"name": "custom.hostmeter.job.runs.#.*", "isStacked": False}
     ]
-    assert len(defs) == len(GROUPS)
-    # every group's exported name matches its definition's wildcard pattern
-    for group, d in zip(GROUPS, graph_definitions(), strict=True):
+    # the fleet totals are one graph with a metric each; every other group is its own graph
+    assert defs["custom.hostmeter.fleet"]["metrics"] == [
+        {"name": f"custom.hostmeter.fleet.{s}", "isStacked": False}
+        for s in ("hosts", "metrics", "posts")]
+    assert len(defs) == len(GROUPS) - 2 == len(graph_definitions())
+    # every group's exported name matches a metric pattern of exactly one definition
+    patterns = [m["name"].replace("#", "x").replace("*", "x")
+                for d in graph_definitions() for m in d["metrics"]]
+    names = []
+    for group in GROUPS:
         sample = MetricPoint(
             name=group.name, time=NOW, value=Decimal(1), labels={k: "x" for k in group.labels}
         )
-        pattern = d["metrics"][0]["name"].replace("#", "x").replace("*", "x")
-        assert pattern == "custom." + mackerel_name(sample)
+        names.append("custom." + mackerel_name(sample))
+    assert sorted(patterns) == sorted(names)
+
+
+def test_fleet_and_noisy_names_are_valid_mackerel_names_as_they_are() -> None:
+    from jobs.monitoring.tenants import FLEET_METRICS, NOISY
+
+    for name in (*FLEET_METRICS.values(), NOISY):
+        point = MetricPoint(name=name, time=NOW, value=Decimal(1), labels={})
+        assert mackerel_name(point) == name  # nothing had to be replaced
+        assert any(group.name == name and group.labels == () for group in GROUPS)
 
 
 def test_repr_does_not_show_the_key() -> None:

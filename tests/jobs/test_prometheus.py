@@ -27,6 +27,7 @@ from jobs.monitoring.metricdata import JobStatus, MonthBilling
 from jobs.monitoring.prometheus import (
     METRIC_NAMES,
     RUN_STATUSES,
+    TenantGauges,
     build_registry,
     exposition,
     serve,
@@ -73,6 +74,17 @@ MAY = MonthBilling(
     hours_in_month=744,
 )
 
+HOUR = datetime(2024, 6, 1, 9, tzinfo=UTC)
+HOSTILE = 'acme"} 1\nhostmeter_fleet_hosts 9e9 # \\'
+TENANTS = TenantGauges(
+    hours={"hosts": HOUR, "metrics": HOUR, "posts": HOUR},
+    fleet={"hosts": 1_200, "metrics": 90_000, "posts": 45_000},
+    noisy=3,
+    tenants={"hosts": {HOSTILE: 700, "globex": 40}, "metrics": {HOSTILE: 60_000, "globex": 900},
+             "posts": {HOSTILE: 30_000}},
+    flagged=(("globex", "hosts"), ("globex", "metrics")),
+)
+
 
 def _text(
     *,
@@ -80,9 +92,11 @@ def _text(
     months: Sequence[MonthBilling] = (MAY,),
     malformed_lines: int = 0,
     expected_jobs: Sequence[str] = (),
+    tenants: TenantGauges | None = None,
 ) -> str:
     registry = build_registry(
-        jobs, months, malformed_lines=malformed_lines, expected_jobs=expected_jobs
+        jobs, months, malformed_lines=malformed_lines, expected_jobs=expected_jobs,
+        tenants=tenants,
     )
     return exposition(registry).decode()
 
@@ -132,7 +146,8 @@ def test_parsed_values_are_the_inputs() -> None:
 
 
 def test_every_family_has_help_type_and_a_known_name() -> None:
-    families = list(text_string_to_metric_families(_text(expected_jobs=list(JOBS))))
+    families = list(text_string_to_metric_families(_text(expected_jobs=list(JOBS),
+                                                         tenants=TENANTS)))
     for family in families:
         assert family.name.startswith("hostmeter_")
         assert family.documentation.strip(), family.name
@@ -221,6 +236,34 @@ def test_a_period_without_hours_has_no_coverage_instead_of_dividing_by_zero() ->
     assert ("hostmeter_snapshot_coverage_ratio", (("period", "2024-07"),)) not in samples
 
 
+def test_tenant_families_hold_exactly_the_given_tenants_with_escaped_keys() -> None:
+    samples = _samples(_text(tenants=TENANTS))
+    tenant = {(name, labels): v for (name, labels), v in samples.items()
+              if name.startswith(("hostmeter_fleet_", "hostmeter_tenant"))}
+    assert tenant == {
+        ("hostmeter_fleet_hosts", ()): 1_200, ("hostmeter_fleet_metrics", ()): 90_000,
+        ("hostmeter_fleet_posts", ()): 45_000, ("hostmeter_tenants_noisy", ()): 3,
+        ("hostmeter_tenant_hosts", (("tenant", HOSTILE),)): 700,
+        ("hostmeter_tenant_hosts", (("tenant", "globex"),)): 40,
+        ("hostmeter_tenant_metrics", (("tenant", HOSTILE),)): 60_000,
+        ("hostmeter_tenant_metrics", (("tenant", "globex"),)): 900,
+        ("hostmeter_tenant_posts", (("tenant", HOSTILE),)): 30_000,
+        ("hostmeter_tenant_noisy", (("series", "hosts"), ("tenant", "globex"))): 1,
+        ("hostmeter_tenant_noisy", (("series", "metrics"), ("tenant", "globex"))): 1,
+    }
+    text = _text(tenants=TENANTS)
+    assert 'hostmeter_tenant_hosts{tenant="acme\\"} 1\\nhostmeter_fleet_hosts 9e9 # \\\\"} 700.0' \
+        in text.splitlines()
+
+
+def test_without_a_recent_hour_the_fleet_and_noisy_gauges_are_absent_not_zero() -> None:
+    samples = _samples(_text(tenants=TenantGauges()))
+    assert not [name for name, _ in samples if name.startswith(("hostmeter_fleet_",
+                                                                "hostmeter_tenant"))]
+    # and without tenant values at all (a registry built for jobs only) no family is there
+    assert "hostmeter_fleet_hosts" not in _text()
+
+
 def test_registries_are_independent_and_the_global_registry_is_untouched() -> None:
     first = build_registry([SNAPSHOT], [MAY])
     second = build_registry([CLOSE], [])
@@ -304,7 +347,8 @@ def _promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedPro
 @needs_promtool
 def test_promtool_check_metrics_accepts_the_exposition() -> None:
     text = exposition(
-        build_registry([SNAPSHOT, CLOSE], [MAY], malformed_lines=1, expected_jobs=list(JOBS))
+        build_registry([SNAPSHOT, CLOSE], [MAY], malformed_lines=1, expected_jobs=list(JOBS),
+                       tenants=TENANTS)
     )
     result = _promtool("check", "metrics", stdin=text)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
