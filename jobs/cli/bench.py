@@ -34,8 +34,15 @@ __all__ = ["bench_command"]
                    "is skipped); the keys bench writes are deleted afterwards.")
 @click.option("--startup-only", is_flag=True,
               help="Only time start-up (in a scratch directory); the database is not touched.")
+@click.option("--job-logs-only", is_flag=True,
+              help="Only time aggregate-job-logs on a synthetic job log of --job-log-runs runs "
+                   "(four lines each) beside a bare json.loads parse of it, then a pass with "
+                   "nothing new; what it stores (dated 2001) is deleted afterwards.")
+@click.option("--job-log-runs", type=click.IntRange(1, 10_000_000), default=100_000,
+              show_default=True, help="Runs in the synthetic job log of --job-logs-only.")
 def bench_command(tier: str, period: str, out_path: Path | None, startup_repeats: int,
-                  redis_url: str | None, startup_only: bool) -> None:
+                  redis_url: str | None, startup_only: bool, job_logs_only: bool,
+                  job_log_runs: int) -> None:
     """Time start-up, ingest, a month of snapshots, the close and the Redis hot path on a
     generated fleet; print JSON.
 
@@ -60,6 +67,17 @@ def bench_command(tier: str, period: str, out_path: Path | None, startup_repeats
         _emit({"bench": "hostmeter", "startup": startup.as_dict()}, out_path)
         return
     state = current_state()
+    if job_logs_only:
+        import tempfile
+
+        from jobs.synthetic.bench.joblogs import time_job_logs
+
+        with tempfile.TemporaryDirectory(prefix="hostmeter-bench-logs-") as scratch:
+            timing = time_job_logs(Path(scratch), state.engine(), state.settings.database_url,
+                                   runs=job_log_runs)
+        _emit({"bench": "hostmeter", "backend": state.engine().dialect.name,
+               "job_logs": timing.as_dict()}, out_path)
+        return
     if tier == "large" and not state.settings.database_url.startswith("postgresql"):
         fail("the large tier runs on PostgreSQL (the production backend); on SQLite use "
              "--tier medium", EXIT_BAD_INPUT)

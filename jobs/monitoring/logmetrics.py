@@ -12,12 +12,13 @@
 2. **Keep runs.** Every ``job_finished`` event becomes a ``log_runs`` row keyed by its run id,
    so reading the same line twice (after a rotation, say) adds nothing. Rows are written
    :data:`RUN_BATCH` at a time as the stream goes.
-3. **Recompute only what is new.** ``job_metrics`` holds 5-minute buckets: runs by job and
+3. **Update only what is new.** ``job_metrics`` holds 5-minute buckets: runs by job and
    status, run duration, tenants expected / processed / failed, hosts and metrics counted,
    hours snapshotted, invoices written, billed units and amount, plus the malformed-line
-   counter. A pass recomputes exactly the buckets its new runs fall in, from ``log_runs`` (so a
-   bucket is always the sum of its runs, whichever pass read them), streaming those runs; a
-   pass that reads nothing new recomputes nothing, whatever the history.
+   counter. Each batch of runs that is new to ``log_runs`` (the insert reports which) is added
+   to the buckets it falls in — counts and sums added, the longest duration kept — in the
+   transaction that stores the runs, so a bucket is the sum of its runs whichever passes read
+   them, and a pass that reads nothing new touches nothing, whatever the history.
 
 Checkpoint, runs and metrics of one pass are written in one transaction, and passes take turns
 (PostgreSQL: a transaction-scoped advisory lock; SQLite: ``BEGIN IMMEDIATE``), so two passes at
@@ -48,13 +49,32 @@ from jobs.monitoring.cloudwatch import (
     read_log_group,
 )
 from jobs.monitoring.cloudwatch import logs_client as cloudwatch_client
-from jobs.monitoring.metricdata import DashboardData, JobStatus, MetricPoint, MonthBilling, RunFact
+from jobs.monitoring.metricdata import (
+    DashboardData,
+    GrowthRanking,
+    HourValue,
+    JobStatus,
+    MetricPoint,
+    MonthBilling,
+    NoisyFlag,
+    NoisyFlags,
+    RunCompleteness,
+    RunFact,
+    TenantGrowth,
+)
 from jobs.monitoring.store import job_metrics, log_checkpoints, log_runs
 from jobs.monitoring.tenants import EVENTS as TENANT_EVENTS
-from jobs.monitoring.tenants import TenantEvents
+from jobs.monitoring.tenants import (
+    FLAGGED_SERIES,
+    FLEET_METRICS,
+    TenantEvents,
+    latest_hour,
+    recent_flags,
+)
+from jobs.monitoring.tenants import growth as tenant_growth
 from jobs.runtime.ledger import job_runs
 from metering import models as m
-from metering.db import insert_ignore, reading, upsert
+from metering.db import reading, upsert
 from metering.report import coverage
 from metering.timeutil import month_bounds
 
@@ -62,10 +82,14 @@ __all__ = [
     "BUCKET",
     "AggregateResult",
     "aggregate",
+    "capacity",
+    "completeness",
     "dashboard_data",
+    "growth_rankings",
     "job_statuses",
     "log_files",
     "months",
+    "noisy_flags",
     "parse_lines",
     "read_points",
     "store_log_group",
@@ -81,7 +105,7 @@ MALFORMED = "hostmeter.logs.malformed_lines"
 OVERDUE = "hostmeter.job.runs_overdue"
 """Runs still ``running`` past their ledger deadline, per job, read from the run ledger (not
 the logs: a stuck run writes no ``job_finished``) at each pass, for the pass's bucket."""
-_STATE_METRICS = (MALFORMED, OVERDUE)  # kept by the recompute: not derived from log_runs
+_STATE_METRICS = (MALFORMED, OVERDUE)  # not derived from runs
 _HEAD_BYTES = 256
 _HEAD_KEY = "file:"  # log_checkpoints.path of a file: its first line's hash
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
@@ -101,7 +125,7 @@ COUNT_METRICS = {
     "hostmeter.billing.amount": "billed_amount",
 }
 _RUN_METRICS = ("hostmeter.job.runs", "hostmeter.job.duration_seconds", *COUNT_METRICS)
-"""What :func:`_recompute` derives from ``log_runs`` (and so replaces); the state metrics, the
+"""What :func:`_merge_runs` derives from runs (and so updates); the state metrics, the
 fleet totals and the noisy-tenant counts are kept."""
 
 
@@ -217,8 +241,8 @@ class _Lines:
 
     def flush(self) -> None:
         if self.sink is not None and self.runs:
-            self.sink(self.runs)
-            self.runs = []
+            self.sink(list(self.runs))
+            self.runs.clear()  # in place: feed() holds this list
 
 
 def parse_lines(raw_lines: Iterable[bytes | str]) -> tuple[list[dict[str, Any]], int, int]:
@@ -313,6 +337,21 @@ def store_log_group(conn: Connection, batch: LogGroupBatch, *, now: datetime,
     return runs, lines, malformed
 
 
+def _insert_runs(conn: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Insert ``log_runs`` rows, keeping a run id already there; returns the rows that were
+    new. One statement, executed for all rows at once (compiled once), its ``RETURNING`` naming
+    what was inserted."""
+    if not rows:
+        return []
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = (dialect.insert(log_runs).on_conflict_do_nothing(index_elements=["run_id"])
+            .returning(log_runs.c.run_id))
+    new = set(conn.execute(stmt, rows).scalars())
+    return [r for r in rows if r["run_id"] in new]
+
+
 def _number(value: Any) -> Decimal | None:
     """A count of a ``job_finished`` line as a number (what pandas' ``to_numeric`` took)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -355,42 +394,47 @@ class _Buckets:
         return out
 
 
-def _spans(buckets: Sequence[datetime]) -> Iterator[list[datetime]]:
-    """Sorted buckets in groups read with one range query each: a group ends where the next
-    bucket is a day or more away, or after 2,000 buckets."""
-    group: list[datetime] = []
-    for b in buckets:
-        if group and (b - group[-1] >= timedelta(days=1) or len(group) >= 2_000):
-            yield group
-            group = []
-        group.append(b)
-    if group:
-        yield group
-
-
-def _recompute(conn: Connection, touched: set[datetime]) -> int:
-    """Replace the metrics of the ``touched`` buckets by what their runs in ``log_runs`` sum to
-    (runs streamed span by span); returns the rows written."""
-    written = 0
-    for span in _spans(sorted(touched)):
-        wanted = set(span)
-        acc = _Buckets()
-        rows = conn.execute(
-            sa.select(log_runs.c.finished_at, log_runs.c.job, log_runs.c.status,
-                      log_runs.c.duration_s, log_runs.c.counts)
-            .where(log_runs.c.finished_at >= span[0], log_runs.c.finished_at < span[-1] + BUCKET)
-            .execution_options(yield_per=5_000))
-        for finished_at, job, status, duration, counts in rows:
-            bucket = _floor(finished_at)
-            if bucket in wanted:
-                acc.add(bucket, job, status, float(duration), counts or {})
-        conn.execute(sa.delete(job_metrics).where(job_metrics.c.name.in_(_RUN_METRICS),
-                                                  job_metrics.c.bucket.in_(span)))
-        metrics = acc.rows()
-        for i in range(0, len(metrics), 1_000):
-            conn.execute(sa.insert(job_metrics), metrics[i:i + 1_000])
-        written += len(metrics)
-    return written
+def _merge_runs(conn: Connection, runs: list[dict[str, Any]]) -> int:
+    """Add newly stored runs to the metrics of their buckets: counts and sums added, the
+    longest duration kept, only for the buckets these runs fall in (read back, merged and
+    written in a few statements per batch). A run is merged once: only the rows
+    :func:`_insert_runs` reports new come here, in the transaction that stores them."""
+    if not runs:
+        return 0
+    acc = _Buckets()
+    for r in runs:
+        acc.add(_floor(r["finished_at"]), r["job"], r["status"], float(r["duration_s"]),
+                r["counts"] or {})
+    delta = acc.rows()
+    buckets = sorted({r["bucket"] for r in delta})
+    old: dict[tuple[str, datetime, str, str], Decimal] = {}
+    jm = job_metrics
+    for i in range(0, len(buckets), 500):
+        for name, bucket, job, status, value in conn.execute(
+                sa.select(jm.c.name, jm.c.bucket, jm.c.job, jm.c.status, jm.c.value)
+                .where(jm.c.bucket.in_(buckets[i:i + 500]), jm.c.name.in_(_RUN_METRICS))):
+            old[(name, bucket, job, status)] = Decimal(value)
+    inserts, updates = [], []
+    for r in delta:
+        before = old.get((r["name"], r["bucket"], r["job"], r["status"]))
+        if before is None:
+            inserts.append(r)
+        elif r["name"] == "hostmeter.job.duration_seconds":
+            if r["value"] > before:
+                updates.append({**r, "b_name": r["name"], "b_bucket": r["bucket"],
+                                "b_job": r["job"], "b_status": r["status"]})
+        else:
+            updates.append({**r, "value": before + r["value"], "b_name": r["name"],
+                            "b_bucket": r["bucket"], "b_job": r["job"],
+                            "b_status": r["status"]})
+    if inserts:
+        conn.execute(sa.insert(jm), inserts)
+    if updates:
+        conn.execute(sa.update(jm).where(
+            jm.c.name == sa.bindparam("b_name"), jm.c.bucket == sa.bindparam("b_bucket"),
+            jm.c.job == sa.bindparam("b_job"), jm.c.status == sa.bindparam("b_status"),
+        ).values(value=sa.bindparam("value")), updates)
+    return len(delta)
 
 
 def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
@@ -407,16 +451,17 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
                                   else int(since[g]["offset"]), now=now) for g in log_groups]
     files = [f for p in paths for f in log_files(p)]
     events = 0
-    touched: set[datetime] = set()
+    stored = 0
     inserted = 0
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":  # one pass at a time (SQLite: BEGIN IMMEDIATE)
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": AGGREGATE_LOCK_KEY})
 
         def store(rows: list[dict[str, Any]]) -> None:
-            nonlocal inserted
-            inserted += insert_ignore(conn, log_runs, rows, key=["run_id"])
-            touched.update(_floor(r["finished_at"]) for r in rows)
+            nonlocal inserted, stored
+            new = _insert_runs(conn, rows)
+            inserted += len(new)
+            stored += _merge_runs(conn, new)
 
         items = TenantEvents(conn)
         lines = _Lines(store, items)
@@ -451,7 +496,6 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
                 {"name": OVERDUE, "bucket": _floor(now), "job": job, "status": "",
                  "value": Decimal(count)} for job, count in sorted(overdue.items())],
                 key=["name", "bucket", "job", "status"], update=["value"])
-        stored = _recompute(conn, touched)
         tenant_hours = items.finish()
     log.info("job_logs_aggregated", files=len(files), log_groups=len(batches),
              log_events=events, lines=total_lines, runs=total_runs, malformed=total_malformed,
@@ -590,13 +634,105 @@ def malformed_total(engine: Engine) -> int:
             sa.func.sum(log_checkpoints.c.malformed), 0))).scalar_one())
 
 
+# The tenant panels read bounded slices of the store, never its whole history: the fleet totals
+# of the last CAPACITY_HOURS, two hours of tenant_series, the flags of the last FLAG_DAYS, and
+# the runs of the last COMPLETENESS_DAYS.
+CAPACITY_HOURS = 14 * 24
+"""Hours of fleet totals charted, ending at the newest one stored."""
+GROWTH_TOP = 10
+"""Tenants ranked per series by growth."""
+GROWTH_BASELINE = timedelta(hours=24)
+"""Growth is the latest hour's value minus the value this long before (the same hour of the day
+before, so the daily cycle of a fleet does not show as growth)."""
+FLAG_DAYS = 7
+FLAG_ROWS = 50
+COMPLETENESS_RUNS = 5
+"""Latest runs shown per job."""
+COMPLETENESS_DAYS = 35
+"""How far back runs are looked for (a monthly job's latest run is in it)."""
+
+
+def capacity(conn: Connection, *, hours: int = CAPACITY_HOURS) -> dict[str, tuple[HourValue, ...]]:
+    """Fleet totals per hour (series → oldest first) over the ``hours`` ending at the newest
+    one stored (so a store that stopped being fed still shows where it stopped)."""
+    jm = job_metrics
+    out: dict[str, tuple[HourValue, ...]] = {}
+    for series, name in FLEET_METRICS.items():
+        mine = sa.and_(jm.c.name == name, jm.c.job == "", jm.c.status == "")
+        newest = conn.execute(sa.select(sa.func.max(jm.c.bucket)).where(mine)).scalar_one()
+        if newest is None:
+            out[series] = ()
+            continue
+        rows = conn.execute(sa.select(jm.c.bucket, jm.c.value)
+                            .where(mine, jm.c.bucket > newest - timedelta(hours=hours))
+                            .order_by(jm.c.bucket)).all()
+        out[series] = tuple(HourValue(hour=b, value=int(v)) for b, v in rows)
+    return out
+
+
+def growth_rankings(conn: Connection, *, top: int = GROWTH_TOP) -> list[GrowthRanking]:
+    """Per flagged series (hosts, metrics) with data: the ``top`` tenants whose value in the
+    series' latest hour grew most over :data:`GROWTH_BASELINE` before (see
+    :func:`jobs.monitoring.tenants.growth`)."""
+    out = []
+    for series in FLAGGED_SERIES:
+        hour = latest_hour(conn, series)
+        if hour is None:
+            continue
+        baseline = hour - GROWTH_BASELINE
+        rows = tenant_growth(conn, series, hour, baseline, top)
+        out.append(GrowthRanking(series=series, hour=hour, baseline=baseline, tenants=tuple(
+            TenantGrowth(tenant=t, current=v, previous=p) for t, v, p in rows)))
+    return out
+
+
+def noisy_flags(conn: Connection, *, now: datetime, days: int = FLAG_DAYS,
+                limit: int = FLAG_ROWS) -> NoisyFlags:
+    """The ``limit`` newest noisy-neighbour flags of the ``days`` before ``now``."""
+    since = (now - timedelta(days=days)).astimezone(UTC).replace(minute=0, second=0,
+                                                                 microsecond=0)
+    rows, total = recent_flags(conn, since=since, limit=limit)
+    return NoisyFlags(since=since, total=total, flags=tuple(
+        NoisyFlag(series=r["series"], tenant=r["tenant"], hour=r["hour"], value=int(r["value"]),
+                  median=Decimal(r["median"])) for r in rows))
+
+
+def completeness(conn: Connection, *, now: datetime, runs: int = COMPLETENESS_RUNS,
+                 days: int = COMPLETENESS_DAYS) -> list[RunCompleteness]:
+    """Per job that reports tenant counts: its latest ``runs`` runs (newest first) of the
+    ``days`` before ``now`` that reported ``tenants_expected``, jobs by name."""
+    r = log_runs
+    reported = r.c.counts["tenants_expected"].as_string()  # SQL NULL when absent or null
+    rank = sa.func.row_number().over(partition_by=r.c.job,
+                                     order_by=(r.c.finished_at.desc(), r.c.run_id.desc()))
+    latest = (sa.select(r.c.job, r.c.run_id, r.c.status, r.c.finished_at, r.c.counts,
+                        rank.label("rank"))
+              .where(r.c.finished_at >= now - timedelta(days=days), reported.is_not(None))
+              .subquery())
+    rows = conn.execute(sa.select(latest).where(latest.c.rank <= runs)
+                        .order_by(latest.c.job, latest.c.rank)).mappings().all()
+    out = []
+    for row in rows:
+        counts = row["counts"] or {}
+        out.append(RunCompleteness(
+            job=row["job"], run_id=row["run_id"], status=row["status"],
+            finished_at=row["finished_at"], expected=_int(counts.get("tenants_expected")),
+            processed=_int(counts.get("tenants_processed")),
+            failed=_int(counts.get("tenants_failed"))))
+    return out
+
+
 def dashboard_data(engine: Engine, zone: Any, *, now: datetime,
                    runs: int = 2000) -> DashboardData:
     with reading(engine) as conn:
         facts = _runs(conn, runs)
+        fleet = capacity(conn)
+        ranked = growth_rankings(conn)
+        noisy = noisy_flags(conn, now=now)
+        complete = completeness(conn, now=now)
     month_list = months(engine, zone)
     top = _top_tenants(engine, month_list[-1].period, 10) if month_list else []
     return DashboardData(generated_at=now, runs=tuple(facts), jobs=tuple(job_statuses(engine)),
                          months=tuple(month_list), top_tenants=tuple(top),
-                         malformed_lines=malformed_total(engine))
-
+                         malformed_lines=malformed_total(engine), capacity=fleet,
+                         growth=tuple(ranked), noisy=noisy, completeness=tuple(complete))

@@ -19,8 +19,8 @@ Then, for the tenant-hours the pass touched only:
   hours before it (at least :attr:`NoisyRule.min_points` of them, and the value at least
   :attr:`NoisyRule.min_value`) is flagged in ``tenant_flags``; a later snapshot that takes the
   value back down clears it. ``hostmeter.tenants.noisy`` counts the flagged tenants per hour.
-  The trailing median is computed with pandas over the touched tenants' windows only (a frame
-  of bounded size), never over the whole history.
+  The trailing median is computed over the touched tenants' windows only (read back for them),
+  never over the whole history.
 
 Defaults (``HOSTMETER_NOISY_FACTOR``, ``HOSTMETER_NOISY_WINDOW_HOURS``,
 ``HOSTMETER_NOISY_MIN_POINTS``, ``HOSTMETER_NOISY_MIN_VALUE``): 3×, 24 hours, 6 hours, 10.
@@ -29,10 +29,12 @@ Defaults (``HOSTMETER_NOISY_FACTOR``, ``HOSTMETER_NOISY_WINDOW_HOURS``,
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from statistics import median
 from typing import Any
 
 import msgspec
@@ -175,18 +177,18 @@ class TenantEvents:
         self.touched.update((h, t) for _, h, t in self.latest)
         self.touched.update(self.posts)
         self.latest, self.posts = {}, {}
+        # executemany of one statement (compiled once; batched by the driver / SQLAlchemy's
+        # insertmanyvalues), not multi-row VALUES statements compiled batch by batch
         ins = _insert(self.conn)
-        for i in range(0, len(now_rows), _CHUNK):
-            stmt = ins.values(now_rows[i:i + _CHUNK])
-            self.conn.execute(stmt.on_conflict_do_update(
+        if now_rows:
+            self.conn.execute(ins.on_conflict_do_update(
                 index_elements=["series", "hour", "tenant"],
-                set_={"value": stmt.excluded.value, "seen_at": stmt.excluded.seen_at},
-                where=tenant_series.c.seen_at <= stmt.excluded.seen_at))
-        for i in range(0, len(post_rows), _CHUNK):
-            stmt = ins.values(post_rows[i:i + _CHUNK])
-            self.conn.execute(stmt.on_conflict_do_update(
+                set_={"value": ins.excluded.value, "seen_at": ins.excluded.seen_at},
+                where=tenant_series.c.seen_at <= ins.excluded.seen_at), now_rows)
+        if post_rows:
+            self.conn.execute(ins.on_conflict_do_update(
                 index_elements=["series", "hour", "tenant"],
-                set_={"value": tenant_series.c.value + stmt.excluded.value}))
+                set_={"value": tenant_series.c.value + ins.excluded.value}), post_rows)
 
     def finish(self) -> int:
         """Write what is held, then the fleet totals and the flags of the touched hours;
@@ -226,57 +228,57 @@ class TenantEvents:
                update=["value"])
 
     def _flags(self, hours: list[datetime]) -> None:
-        """Flag (or clear) every touched tenant-hour of the flagged series."""
-        import pandas as pd
-
+        """Flag (or clear) every touched tenant-hour of the flagged series: each one's value
+        against the median of the tenant's values in the window before it (read for the
+        touched tenants and hours only; a bisect and a median of at most a window of values
+        per tenant-hour)."""
         rule = self.rule
         window = timedelta(hours=rule.window_hours)
         tenants = sorted({t for _, t in self.touched})
         lo, hi = hours[0] - window, hours[-1]
-        s = tenant_series
-        frames = []
+        s, f = tenant_series, tenant_flags
+        groups: dict[tuple[str, str], tuple[list[datetime], list[int]]] = {}
+        existing: set[tuple[str, datetime, str]] = set()
         for i in range(0, len(tenants), _CHUNK):
             part = tenants[i:i + _CHUNK]
-            frames.append(pd.DataFrame(self.conn.execute(
-                sa.select(s.c.series, s.c.tenant, s.c.hour, s.c.value)
-                .where(s.c.series.in_(FLAGGED_SERIES), s.c.tenant.in_(part),
-                       s.c.hour >= lo, s.c.hour <= hi)).all(),
-                columns=["series", "tenant", "hour", "value"]))
-        data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        flags: list[dict[str, Any]] = []
-        if not data.empty:
-            data["hour"] = pd.to_datetime(data["hour"], utc=True)
-            data = data.sort_values(["series", "tenant", "hour"]).reset_index(drop=True)
-            medians, points = [], []
-            for _, group in data.groupby(["series", "tenant"], sort=False):
-                rolled = (group.set_index("hour")["value"].astype("float64")
-                          .rolling(f"{rule.window_hours}h", closed="left"))
-                medians.append(rolled.median().to_numpy())
-                points.append(rolled.count().to_numpy())
-            data["median"] = pd.Series(
-                [v for part in medians for v in part], index=data.index).fillna(0.0)
-            data["points"] = pd.Series([v for part in points for v in part], index=data.index)
-            touched = pd.MultiIndex.from_tuples(
-                [(t, pd.Timestamp(h)) for h, t in self.touched], names=["tenant", "hour"])
-            keys = pd.MultiIndex.from_arrays([data["tenant"], data["hour"]])
-            mine = data[keys.isin(touched)]
-            factor = float(rule.factor)
-            noisy = mine[(mine["points"] >= rule.min_points) & (mine["median"] > 0)
-                         & (mine["value"] >= rule.min_value)
-                         & (mine["value"] >= factor * mine["median"])]
-            flags = [{"series": r.series, "hour": r.hour.to_pydatetime(), "tenant": r.tenant,
-                      "value": int(r.value), "median": Decimal(str(round(r.median, 6)))}
-                     for r in noisy.itertuples(index=False)]
-        f = tenant_flags
-        by_hour: dict[datetime, list[str]] = {}
+            for series, tenant, hour, value in self.conn.execute(
+                    sa.select(s.c.series, s.c.tenant, s.c.hour, s.c.value)
+                    .where(s.c.series.in_(FLAGGED_SERIES), s.c.tenant.in_(part),
+                           s.c.hour >= lo, s.c.hour <= hi)
+                    .order_by(s.c.series, s.c.tenant, s.c.hour)):
+                times, values = groups.setdefault((series, tenant), ([], []))
+                times.append(hour)
+                values.append(int(value))
+            existing.update((r.series, r.hour, r.tenant) for r in self.conn.execute(
+                sa.select(f.c.series, f.c.hour, f.c.tenant)
+                .where(f.c.tenant.in_(part), f.c.hour >= hours[0], f.c.hour <= hi)))
+        flags: dict[tuple[str, datetime, str], dict[str, Any]] = {}
         for hour, tenant in self.touched:
-            by_hour.setdefault(hour, []).append(tenant)
-        for hour, names in sorted(by_hour.items()):
-            for i in range(0, len(names), _CHUNK):
-                self.conn.execute(sa.delete(f).where(f.c.hour == hour,
-                                                     f.c.tenant.in_(names[i:i + _CHUNK])))
-        for i in range(0, len(flags), _CHUNK):
-            self.conn.execute(sa.insert(f), flags[i:i + _CHUNK])
+            for series in FLAGGED_SERIES:
+                group = groups.get((series, tenant))
+                if group is None:
+                    continue
+                times, values = group
+                at = bisect_left(times, hour)
+                if at == len(times) or times[at] != hour:
+                    continue
+                before = values[bisect_left(times, hour - window):at]
+                if len(before) < rule.min_points:
+                    continue
+                middle = Decimal(str(median(before)))
+                value = values[at]
+                if middle > 0 and value >= rule.min_value and value >= rule.factor * middle:
+                    flags[(series, hour, tenant)] = {"series": series, "hour": hour,
+                                                     "tenant": tenant, "value": value,
+                                                     "median": middle}
+        touched = self.touched
+        gone = [k for k in existing if (k[1], k[2]) in touched]
+        for series, hour, tenant in gone:  # rare: a flag whose hour was snapshotted again
+            self.conn.execute(sa.delete(f).where(f.c.series == series, f.c.hour == hour,
+                                                 f.c.tenant == tenant))
+        rows = list(flags.values())
+        for i in range(0, len(rows), _CHUNK):
+            self.conn.execute(sa.insert(f), rows[i:i + _CHUNK])
 
 
 def _insert(conn: Connection) -> Any:

@@ -93,14 +93,15 @@ def _fresh_engine(db_url: str, tmp_path: Path) -> Engine:
     return engine
 
 
-def test_a_pass_recomputes_only_the_buckets_its_new_runs_fall_in(
+def test_a_pass_updates_only_the_buckets_its_new_runs_fall_in(
         engine: Engine, tmp_path: Path) -> None:
+    """A marker in each bucket: a pass with nothing new leaves both; a new run adds to its own
+    bucket's value (999 + 1), never recomputes or touches the other."""
     log = tmp_path / "hostmeter.jsonl"
     log.write_text(finished("a", "j", "succeeded", "2026-11-01T03:01:00Z", 1.0)
                    + finished("b", "j", "succeeded", "2026-11-01T03:11:00Z", 1.0))
     lm.aggregate(engine, [log], now=NOW)
     runs = "hostmeter.job.runs"
-    # A marker in each bucket: a recompute of that bucket would replace it.
     with engine.begin() as conn:
         conn.execute(sa.update(job_metrics).where(job_metrics.c.name == runs)
                      .values(value=Decimal(999)))
@@ -113,16 +114,19 @@ def test_a_pass_recomputes_only_the_buckets_its_new_runs_fall_in(
     lm.aggregate(engine, [log], now=NOW)
     got = points(engine)
     assert got[(runs, "03:00", "j", "succeeded")] == 999  # untouched
-    assert got[(runs, "03:10", "j", "succeeded")] == 2  # "b" (an earlier pass) and "c"
+    assert got[(runs, "03:10", "j", "succeeded")] == 1000  # "c" added to what was there
 
 
+@pytest.mark.parametrize("block", [37, 1 << 20], ids=["block-shorter-than-a-line",
+                                                     "many-batches-in-one-block"])
 def test_a_file_is_read_in_blocks_with_the_same_result(
-        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks far shorter than a line: every line still read once, whole."""
+        engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    """Blocks far shorter than a line, or one block holding many batches of runs: every line
+    read once, whole, and every run stored."""
     lines = history(120, seed=11)
     log = tmp_path / "hostmeter.jsonl"
     log.write_text("".join(lines))
-    monkeypatch.setattr(lm, "READ_BLOCK", 37)
+    monkeypatch.setattr(lm, "READ_BLOCK", block)
     monkeypatch.setattr(lm, "RUN_BATCH", 16)
     out = lm.aggregate(engine, [log], now=NOW)
     assert out.runs == 120
