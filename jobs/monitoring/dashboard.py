@@ -24,7 +24,17 @@ from pathlib import Path
 
 import structlog
 
-from jobs.monitoring.metricdata import DashboardData, JobStatus, MonthBilling, RunFact
+from jobs.monitoring.metricdata import (
+    DashboardData,
+    GrowthRanking,
+    HourValue,
+    JobStatus,
+    MonthBilling,
+    NoisyFlags,
+    RunCompleteness,
+    RunFact,
+    TenantGrowth,
+)
 
 __all__ = [
     "CHART_COUNT", "COLORS", "SECTION_TITLES", "DashboardServer", "render", "serve", "write",
@@ -36,6 +46,10 @@ SECTION_TITLES = (
     "Job durations",
     "Runs by status",
     "Tenants expected vs processed",
+    "Completeness per job",
+    "Capacity over time",
+    "Top tenants by growth",
+    "Flagged noisy neighbours",
     "Snapshot coverage by month",
     "Billed units by month",
     "Billed amounts by month",
@@ -45,9 +59,12 @@ SECTION_TITLES = (
 )
 """Every section of the page, in order; each is shown even when it has nothing to show."""
 
-CHART_COUNT = 5
-"""The SVG charts on a page with data in every section (durations, statuses, tenants,
-coverage, units)."""
+CAPACITY_SERIES = (("hosts", "Hosts"), ("metrics", "Metrics"), ("posts", "Posts"))
+"""The fleet totals charted under "Capacity over time" (series, label), in order."""
+
+CHART_COUNT = 8
+"""The SVG charts on a page with data in every section (durations, statuses, tenants, fleet
+hosts, metrics and posts, coverage, units)."""
 
 STATUS_COLORS: Mapping[str, str] = {
     "succeeded": "#1b9e77",
@@ -67,6 +84,10 @@ COLORS: Mapping[str, str] = {
     "tenants_failed": "#e15759",
     "covered": "#1b9e77",
     "uncovered": "#eeeeee",
+    "fleet.hosts": "#3b75af",
+    "fleet.metrics": "#8e6bbf",
+    "fleet.posts": "#d9822b",
+    "short": "#fde2e1",
     **{f"status.{k}": v for k, v in STATUS_COLORS.items()},
 }
 """Fill colors of the charts (tests look for them in a screenshot)."""
@@ -105,6 +126,18 @@ def _num(v: float) -> str:
     if float(v).is_integer():
         return f"{int(v):,}"
     return f"{v:,.2f}".rstrip("0").rstrip(".")
+
+
+def _compact(v: float) -> str:
+    """An axis tick in at most ~6 characters: 950, 12.5k, 3M."""
+    for unit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= unit:
+            return _num(round(v / unit, 2)) + suffix
+    return _num(v)
+
+
+def _signed(v: int) -> str:
+    return f"+{v:,}" if v > 0 else f"{v:,}".replace("-", "\u2212")
 
 
 # --- axes -------------------------------------------------------------------------------------
@@ -152,14 +185,14 @@ class _Frame:
     def y(self, value: float, scale: _Scale) -> float:
         return self.base - (self.base - _TOP) * (value / scale.top)
 
-    def y_axis(self, scale: _Scale, label: str) -> str:
+    def y_axis(self, scale: _Scale, label: str, fmt: Callable[[float], str] = _num) -> str:
         parts = []
         for tick in scale.ticks():
             y = self.y(tick, scale)
             parts.append(f'<line class="grid" x1="{_LEFT}" x2="{self.w - _RIGHT}" '
                          f'y1="{y:.1f}" y2="{y:.1f}"/>')
             parts.append(f'<text class="tick" x="{_LEFT - 6}" y="{y + 4:.1f}" '
-                         f'text-anchor="end">{_e(_num(tick))}</text>')
+                         f'text-anchor="end">{_e(fmt(tick))}</text>')
         mid = (_TOP + self.base) / 2
         parts.append(f'<text class="axis-label" transform="translate(14 {mid:.0f}) '
                      f'rotate(-90)" text-anchor="middle">{_e(label)}</text>')
@@ -189,6 +222,7 @@ class _Frame:
 
 _CARD = _Frame()
 _WIDE = _Frame(w=1200, h=300)
+_THIRD = _Frame(w=400, h=250)
 
 
 def _legend(items: Iterable[tuple[str, str]]) -> str:
@@ -201,10 +235,10 @@ def _empty(message: str) -> str:
     return f'<p class="empty">{_e(message)}</p>'
 
 
-def _time_ticks(t0: datetime, t1: datetime) -> list[datetime]:
-    """Round UTC times (on the hour, at midnight) between t0 and t1, at most 8 of them."""
+def _time_ticks(t0: datetime, t1: datetime, most: int = 8) -> list[datetime]:
+    """Round UTC times (on the hour, at midnight) between t0 and t1, at most ``most``."""
     steps = [timedelta(hours=h) for h in (1, 2, 3, 6, 12, 24, 48, 168, 336, 720)]
-    step = next((s for s in steps if (t1 - t0) / s <= 8), steps[-1])
+    step = next((s for s in steps if (t1 - t0) / s <= most), steps[-1])
     midnight = t0.replace(hour=0, minute=0, second=0, microsecond=0)
     t = midnight + step * math.ceil((t0 - midnight) / step)
     ticks = []
@@ -378,17 +412,93 @@ def _coverage_chart(months: Sequence[MonthBilling]) -> str:
                  "".join(parts))
 
 
+def _segments(points: Sequence[HourValue]) -> list[list[HourValue]]:
+    """``points`` (oldest first) cut where an hour is missing: a gap is drawn as a gap."""
+    runs: list[list[HourValue]] = []
+    for p in points:
+        if runs and _utc(p.hour) - _utc(runs[-1][-1].hour) <= timedelta(hours=1):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+def _hourly_chart(series: str, label: str, points: Sequence[HourValue], t0: datetime,
+                  t1: datetime) -> str:
+    """One fleet total per hour from ``t0`` to ``t1``: a line (an area under it) with the
+    latest value marked."""
+    if not points:
+        return _empty(f"No {label.lower()} per hour yet.")
+    f, color = _THIRD, COLORS[f"fleet.{series}"]
+    span = (t1 - t0).total_seconds()
+    scale = _Scale.for_max(max(p.value for p in points), integer=True)
+
+    def x(t: datetime) -> float:
+        return _LEFT + f.plot_w * (_utc(t) - t0).total_seconds() / span
+
+    parts = [f.y_axis(scale, f"{label} (count)", _compact), f.x_label("Hour (UTC)")]
+    ticks = _time_ticks(t0, t1, most=7)
+    whole_days = all(t.hour == 0 for t in ticks)
+    day = None
+    for t in ticks:
+        parts.append(f'<line class="grid" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{_TOP}" '
+                     f'y2="{f.base}"/>')
+        if whole_days:
+            parts.append(f.x_tick(x(t), t.strftime("%m-%d")))
+            continue
+        parts.append(f.x_tick(x(t), t.strftime("%H:%M")))
+        if t.date() != day:  # the date under the first tick of each day
+            parts.append(f.x_tick(x(t), t.strftime("%m-%d"), line=1))
+            day = t.date()
+    for run in _segments(points):
+        xy = [(x(p.hour), f.y(p.value, scale)) for p in run]
+        line = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy)
+        if len(run) == 1:
+            parts.append(f'<circle cx="{xy[0][0]:.1f}" cy="{xy[0][1]:.1f}" r="2" '
+                         f'fill="{color}"/>')
+            continue
+        parts.append(f'<polygon points="{xy[0][0]:.1f},{f.base} {line} {xy[-1][0]:.1f},'
+                     f'{f.base}" fill="{color}" fill-opacity="0.12" stroke="none"/>')
+        parts.append(f'<polyline class="series" points="{line}" fill="none" stroke="{color}" '
+                     f'stroke-width="1.5"/>')
+    last = points[-1]
+    tip = f"{label}: {last.value:,} at {_when(last.hour)} UTC (latest)"
+    parts.append(f'<circle cx="{x(last.hour):.1f}" cy="{f.y(last.value, scale):.1f}" r="4" '
+                 f'fill="{color}"><title>{_e(tip)}</title></circle>')
+    return f.svg(f"fleet_{series}", f"Fleet {label.lower()} per hour", "".join(parts))
+
+
+def _capacity(capacity: Mapping[str, Sequence[HourValue]]) -> str:
+    hours = [_utc(p.hour) for series, _ in CAPACITY_SERIES for p in capacity.get(series, ())]
+    if not hours:
+        return _empty("No fleet totals yet: no tenant_hour or tenant_ingested line read.")
+    t0, t1 = min(hours), max(hours)  # one time axis for the three charts
+    if t1 - t0 < timedelta(hours=2):
+        t0, t1 = t0 - timedelta(hours=1), t1 + timedelta(hours=1)
+    cells = []
+    for series, label in CAPACITY_SERIES:
+        points = capacity.get(series, ())
+        note = (f"latest {points[-1].value:,} at {_when(points[-1].hour)} UTC"
+                if points else "no data")
+        cells.append(f'<div class="cell" data-series="{_e(series)}"><h3>{_e(label)}</h3>'
+                     f'<p class="note">{_e(note)}</p>{_hourly_chart(series, label, points, t0, t1)}'
+                     "</div>")
+    return f'<div class="cells">{"".join(cells)}</div>'
+
+
 # --- tables and tiles -------------------------------------------------------------------------
 
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], *,
-           numeric: Sequence[str] = (), css: str = "") -> str:
+           numeric: Sequence[str] = (), css: str = "", row_css: Sequence[str] = ()) -> str:
+    """A table of escaped text; ``row_css`` (when given) is each row's class."""
     head = "".join(f'<th{" class=num" if c in numeric else ""}>{_e(c)}</th>' for c in columns)
+    classes = list(row_css) or [""] * len(rows)
     body = "".join(
-        "<tr>" + "".join(
+        (f'<tr class="{_e(tr)}">' if tr else "<tr>") + "".join(
             f'<td{" class=num" if c in numeric else ""}>{_e(v)}</td>'
             for c, v in zip(columns, row, strict=True)) + "</tr>"
-        for row in rows)
+        for row, tr in zip(rows, classes, strict=True))
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -427,6 +537,80 @@ def _failed_table(runs: Sequence[RunFact]) -> str:
     return _table(("Time", "Job", "Status", "Error"), rows, css="failed") + note
 
 
+def _count(v: int | None) -> str:
+    return "—" if v is None else f"{v:,}"
+
+
+def _missing(run: RunCompleteness) -> str:
+    if run.missing:
+        return _signed(-run.missing)
+    return "—" if run.expected is None or run.processed is None else "0"
+
+
+def _completeness_table(runs: Sequence[RunCompleteness]) -> str:
+    if not runs:
+        return _empty("No run has reported tenant counts yet.")
+    short = [r for r in runs if r.missing]
+    rows = [(r.job, _when(r.finished_at) + " UTC", r.status, _count(r.expected),
+             _count(r.processed), _count(r.failed), _missing(r)) for r in runs]
+    note = (f"{len(short):,} of {len(runs):,} runs processed fewer tenants than they expected "
+            "(highlighted)." if short else
+            f"Each of these {len(runs):,} runs processed every tenant it expected.")
+    state = "bad" if short else "ok"
+    numeric = ("Expected", "Processed", "Failed", "Missing")
+    return (f'<p class="note {state}">{_e(note)}</p>'
+            + _table(("Job", "Finished", "Status", *numeric), rows, numeric=numeric,
+                     css="completeness", row_css=["short" if r.missing else "" for r in runs]))
+
+
+def _change(t: TenantGrowth) -> str:
+    """Growth relative to the day before; "new" when the tenant had no value then."""
+    ratio = t.ratio
+    return "new" if ratio is None else f"{float(ratio):+.1%}"
+
+
+def _growth_table(ranking: GrowthRanking, label: str) -> str:
+    when = f"{_when(ranking.hour)} UTC vs {_when(ranking.baseline)} UTC (a day before)"
+    head = f'<h3>{_e(label)}</h3><p class="note">{_e(when)}</p>'
+    if not ranking.tenants:
+        return head + _empty("No tenant grew over the day.")
+    rows = [(str(i), t.tenant, f"{t.current:,}", _count(t.previous), _signed(t.growth),
+             _change(t)) for i, t in enumerate(ranking.tenants, start=1)]
+    numeric = ("#", "Now", "Day before", "Growth", "Change")
+    return head + _table(("#", "Tenant", "Now", "Day before", "Growth", "Change"), rows,
+                         numeric=numeric, css="growth")
+
+
+def _growth(rankings: Sequence[GrowthRanking]) -> str:
+    if not rankings:
+        return _empty("No tenant series yet: no tenant_hour line read.")
+    labels = dict(CAPACITY_SERIES)
+    cells = "".join(f'<div class="cell" data-series="{_e(r.series)}">'
+                    f"{_growth_table(r, labels.get(r.series, r.series))}</div>"
+                    for r in rankings)
+    return f'<div class="cells">{cells}</div>'
+
+
+def _ratio(v: Decimal | None) -> str:
+    return "—" if v is None else f"{v:,.1f}×"
+
+
+def _flags_table(noisy: NoisyFlags | None) -> str:
+    if noisy is None:
+        return _empty("No tenant series yet.")
+    since = f"since {_when(noisy.since)} UTC"
+    if not noisy.flags:
+        return _empty(f"No tenant-hour flagged {since}.")
+    rows = [(_when(f.hour) + " UTC", f.tenant, f.series, f"{f.value:,}", _num(float(f.median)),
+             _ratio(f.ratio)) for f in noisy.flags]
+    numeric = ("Value", "Trailing median", "× median")
+    shown = (f"Newest {len(noisy.flags):,} of {noisy.total:,} flagged {since}."
+             if noisy.total > len(noisy.flags) else f"{noisy.total:,} flagged {since}.")
+    return (f'<p class="note">{_e(shown)}</p>'
+            + _table(("Hour", "Tenant", "Series", *numeric), rows, numeric=numeric,
+                     css="flags"))
+
+
 def _job_tiles(jobs: Sequence[JobStatus]) -> str:
     if not jobs:
         return ""
@@ -459,6 +643,7 @@ body{margin:0;padding:24px;background:#f5f6f8;color:#1f2328;
 header{display:flex;align-items:baseline;gap:16px;margin-bottom:16px}
 h1{font-size:22px;margin:0}
 h2{font-size:15px;margin:0 0 4px}
+h3{font-size:13px;margin:4px 0 0}
 .sub{color:#57606a;font-size:12px;margin:0 0 8px}
 .grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:16px}
 section{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:14px 16px}
@@ -477,10 +662,15 @@ svg .bad{fill:#d62728;font-weight:600}
 .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eaeef2;vertical-align:top}
-th{color:#57606a;font-weight:600}
+th{color:#57606a;font-weight:600;white-space:nowrap}
 .num{text-align:right;font-variant-numeric:tabular-nums}
 table.failed td:last-child{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;
  word-break:break-word}
+.cells{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:8px 24px}
+.cell{min-width:0}
+tr.short td{background:SHORT}
+tr.short td:last-child{color:#b42318;font-weight:700}
+.note.bad{color:#b42318;font-weight:600}
 .empty{color:#57606a;font-style:italic;margin:24px 0;text-align:center}
 .note{color:#57606a;font-size:12px;margin:4px 0}
 .tiles{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:16px}
@@ -495,7 +685,7 @@ table.failed td:last-child{font-family:ui-monospace,Menlo,Consolas,monospace;fon
 .stat.bad .stat-value{color:#d62728}
 #errors{color:#d62728;white-space:pre-wrap}
 #errors:empty{display:none}
-"""
+""".replace("SHORT", COLORS["short"])
 
 # Records script errors and blocked loads before anything else runs.
 _HEAD_SCRIPT = """
@@ -535,6 +725,15 @@ def render(data: DashboardData) -> str:
         ("Finished runs per job, stacked by status.", _status_chart(data.jobs), False),
         ("Tenants each job expected, processed and failed in its latest run.",
          _tenants_chart(data.jobs), False),
+        ("The latest runs of each job that reports tenant counts, newest first; runs that "
+         "processed fewer tenants than expected are highlighted.",
+         _completeness_table(data.completeness), True),
+        ("Fleet totals per hour (sums over tenants) over the last two weeks stored: hosts and "
+         "metrics of the snapshotted hours, posts ingested.", _capacity(data.capacity), True),
+        ("Tenants whose latest hour grew most over the same hour a day before (a tenant with "
+         "no value then counts from 0), largest growth first.", _growth(data.growth), True),
+        ("Tenant-hours whose hosts or metrics jumped to k times the tenant's trailing median "
+         "(HOSTMETER_NOISY_FACTOR), newest first.", _flags_table(data.noisy), True),
         ("Hours with usage snapshots / hours in the month.", _coverage_chart(data.months),
          False),
         ("Standard and micro units on the latest invoice revisions.",

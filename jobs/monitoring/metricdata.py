@@ -11,8 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from fractions import Fraction
 
-__all__ = ["DashboardData", "JobStatus", "MetricPoint", "MonthBilling", "RunFact"]
+__all__ = [
+    "DashboardData", "GrowthRanking", "HourValue", "JobStatus", "MetricPoint", "MonthBilling",
+    "NoisyFlag", "NoisyFlags", "RunCompleteness", "RunFact", "TenantGrowth",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +74,89 @@ class MonthBilling:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HourValue:
+    """One hourly value; ``hour`` is the start of the UTC hour (aware)."""
+
+    hour: datetime
+    value: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantGrowth:
+    """A tenant's value in the latest hour beside its value in the same hour a day before."""
+
+    tenant: str
+    current: int
+    previous: int | None
+    """``None``: no value 24 hours before (a tenant new since then, or a gap in its series);
+    its growth is then counted from 0."""
+
+    @property
+    def growth(self) -> int:
+        return self.current - (self.previous or 0)
+
+    @property
+    def ratio(self) -> Fraction | None:
+        """Growth relative to the value a day before (``None`` when there was none, or 0)."""
+        return Fraction(self.growth, self.previous) if self.previous else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrowthRanking:
+    """The tenants of one series (``hosts``, ``metrics``) that grew most from ``baseline``
+    (``hour`` − 24 h) to ``hour`` (the series' latest hour), largest growth first."""
+
+    series: str
+    hour: datetime
+    baseline: datetime
+    tenants: tuple[TenantGrowth, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoisyFlag:
+    """A flagged tenant-hour: ``value`` at least k × the tenant's trailing ``median``."""
+
+    series: str
+    tenant: str
+    hour: datetime
+    value: int
+    median: Decimal
+
+    @property
+    def ratio(self) -> Decimal | None:
+        return self.value / self.median if self.median else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoisyFlags:
+    """The newest flagged tenant-hours from ``since`` on (``total`` of them in all)."""
+
+    since: datetime
+    total: int
+    flags: tuple[NoisyFlag, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunCompleteness:
+    """One run's tenant counts, as its ``job_finished`` event reported them."""
+
+    job: str
+    run_id: str
+    status: str
+    finished_at: datetime
+    expected: int | None
+    processed: int | None
+    failed: int | None
+
+    @property
+    def missing(self) -> int:
+        """Tenants expected but not processed (0 when the run did not report both)."""
+        if self.expected is None or self.processed is None:
+            return 0
+        return max(self.expected - self.processed, 0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DashboardData:
     """Everything the dashboard page shows."""
 
@@ -80,3 +167,9 @@ class DashboardData:
     top_tenants: tuple[tuple[str, int, Decimal], ...]
     """(tenant, standard + micro units, amount) of the latest month, largest first."""
     malformed_lines: int = 0
+    capacity: Mapping[str, tuple[HourValue, ...]] = field(default_factory=dict)
+    """Fleet totals per hour (``hosts``, ``metrics``, ``posts`` → oldest first)."""
+    growth: tuple[GrowthRanking, ...] = ()
+    noisy: NoisyFlags | None = None
+    completeness: tuple[RunCompleteness, ...] = ()
+    """The latest runs of each job that reports tenant counts (by job, newest first)."""

@@ -6,6 +6,7 @@ skipped, with the reason, when ``/usr/bin/chromium`` is missing.
 
 from __future__ import annotations
 
+import html
 import re
 import struct
 import subprocess
@@ -18,11 +19,27 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy.engine import Engine
+from test_logmetrics import finished
+from test_tenant_series import ingested, tenant_hour
 
 from jobs.monitoring import dashboard
-from jobs.monitoring.metricdata import DashboardData, JobStatus, MonthBilling, RunFact
+from jobs.monitoring import logmetrics as lm
+from jobs.monitoring.metricdata import (
+    DashboardData,
+    GrowthRanking,
+    HourValue,
+    JobStatus,
+    MonthBilling,
+    NoisyFlag,
+    NoisyFlags,
+    RunCompleteness,
+    RunFact,
+    TenantGrowth,
+)
 
 HOSTILE_ERROR = '<script>alert("pwned")</script> database is locked'
 HOSTILE_TENANT = "umbrella <corp> & sons"
@@ -69,6 +86,46 @@ def sample_data() -> DashboardData:
                          runs_by_status=counts, tenants_expected=expected,
                          tenants_processed=processed, tenants_failed=failed)
 
+    latest = START.replace(minute=0) + timedelta(hours=71)
+    hours = [latest - timedelta(hours=71 - h) for h in range(72)]
+    capacity = {  # a daily cycle on a rising trend; posts miss two hours (a gap)
+        "hosts": tuple(HourValue(hour=t, value=1_800 + 4 * i + (60 if 8 <= t.hour < 20 else 0))
+                       for i, t in enumerate(hours)),
+        "metrics": tuple(HourValue(hour=t, value=180_000 + 500 * i + 9_000 * (t.hour % 3))
+                         for i, t in enumerate(hours)),
+        "posts": tuple(HourValue(hour=t, value=2_400_000 + 15_000 * (t.hour % 6))
+                       for i, t in enumerate(hours) if i not in (40, 41)),
+    }
+    growth = tuple(
+        GrowthRanking(series=series, hour=latest, baseline=latest - timedelta(hours=24),
+                      tenants=tuple(TenantGrowth(tenant=t, current=c, previous=p)
+                                    for t, c, p in rows))
+        for series, rows in (
+            ("hosts", [("globex", 140, 100), (HOSTILE_TENANT, 40, 10), ("newco", 20, None),
+                       ("acme", 25, 10)]),
+            ("metrics", [("acme", 5_000, 1_000), (HOSTILE_TENANT, 4_000, 1_000)])))
+    noisy = NoisyFlags(since=latest - timedelta(days=7), total=3, flags=(
+        NoisyFlag(series="metrics", tenant="acme", hour=latest, value=5_000,
+                  median=Decimal(1_000)),
+        NoisyFlag(series="hosts", tenant=HOSTILE_TENANT, hour=latest, value=40,
+                  median=Decimal(10)),
+        NoisyFlag(series="hosts", tenant="umbrella", hour=latest - timedelta(hours=5),
+                  value=60, median=Decimal("15.5")),
+    ))
+    def complete(job: str, at: datetime, expected: int, processed: int, failed: int,
+                 status: str = "succeeded") -> RunCompleteness:
+        return RunCompleteness(job=job, run_id=f"{job}-{at:%d%H}", status=status,
+                               finished_at=at, expected=expected, processed=processed,
+                               failed=failed)
+
+    completeness = (
+        complete("close-billing-period", START + timedelta(days=2, hours=1), 120, 118, 2,
+                 "partial"),
+        complete("close-billing-period", START + timedelta(days=1, hours=1), 120, 120, 0),
+        *(complete("snapshot-usage", latest + timedelta(minutes=5 - 60 * h), 120,
+                   119 if h == 2 else 120, 1 if h == 2 else 0,
+                   "partial" if h == 2 else "succeeded") for h in range(5)),
+    )
     return DashboardData(
         generated_at=START + timedelta(days=3),
         runs=tuple(runs),
@@ -88,6 +145,10 @@ def sample_data() -> DashboardData:
                      ("initech", 977, Decimal("4885.00")),
                      (HOSTILE_TENANT, 402, Decimal("2010.75"))),
         malformed_lines=3,
+        capacity=capacity,
+        growth=growth,
+        noisy=noisy,
+        completeness=completeness,
     )
 
 
@@ -121,7 +182,8 @@ def test_page_has_every_section_in_order_and_its_charts(page: str) -> None:
     for title in dashboard.SECTION_TITLES:
         assert f"<h2>{title}</h2>" in page
     charts = re.findall(r'<svg class="chart" data-chart="(\w+)"', page)
-    assert charts == ["durations", "statuses", "tenants", "coverage", "units"]
+    assert charts == ["durations", "statuses", "tenants", "fleet_hosts", "fleet_metrics",
+                      "fleet_posts", "coverage", "units"]
     assert len(charts) == dashboard.CHART_COUNT
     for axis in ("Duration (seconds)", "Finished at (UTC)", "Runs (count)", "Tenants (count)",
                  "Billed units (count)", "Snapshot coverage (% of the month&#x27;s hours)"):
@@ -140,6 +202,7 @@ def test_page_shows_the_numbers(page: str) -> None:
     assert "Amount (USD)" in page and ">2,010.75</td>" in page  # top tenants
     assert "712/720 h (98.9%)" in page and "744/744 h (100.0%)" in page
     assert '<span class="stat-value">3</span>' in page  # malformed lines
+    assert ">2.5M</text>" in page and ">250k</text>" in page  # compact fleet axes
     failed = re.findall(r'<table class="failed">.*?</table>', page, re.S)[0]
     rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>", failed)
     assert rows == [  # newest first
@@ -166,12 +229,173 @@ def test_empty_data_renders_a_page_that_says_so() -> None:
     assert re.findall(r'data-section="([^"]*)"', page) == list(dashboard.SECTION_TITLES)
     assert "no runs yet" in page and page.count("No runs yet.") == 3
     assert "No billing months yet." in page and "No invoices yet." in page
+    assert "No run has reported tenant counts yet." in page
+    assert "No fleet totals yet" in page and "No tenant series yet" in page
     assert "<svg" not in page and "Traceback" not in page
 
 
 def test_write_puts_the_page_in_a_file(data: DashboardData, page: str, tmp_path: Path) -> None:
     path = dashboard.write(tmp_path / "dashboard.html", data)
     assert path.read_text(encoding="utf-8") == page
+
+
+# --- the tenant panels, from a store built through the real path -------------------------------
+
+STORE_NOW = datetime(2026, 11, 9, 0, 30, tzinfo=UTC)
+LATEST = datetime(2026, 11, 8, 23, 0, tzinfo=UTC)
+"""The newest tenant-hour in the store; growth is measured against LATEST - 24 h."""
+HOSTILE_NAME = '<img src=x onerror=alert(1)> & "co"'
+
+
+def _hours(n: int, end: datetime = LATEST) -> list[datetime]:
+    return [end - timedelta(hours=n - 1 - i) for i in range(n)]
+
+
+def store_log() -> str:
+    """Three days of tenant-hours (hosts, metrics), some posts, and runs' job_finished lines.
+
+    Hosts grow by: globex +40, HOSTILE_NAME +30, newco +20 (new in the last 3 hours), acme
+    +15; initech stays, shrinker shrinks. Flags: at LATEST acme metrics (5x), HOSTILE_NAME
+    hosts and metrics (4x); umbrella hosts at LATEST - 5 h (4x); old-spike 9 days back.
+    """
+    lines = []
+    steady = {"acme": (10, 1_000), "globex": (100, 10_000), "initech": (5, 500),
+              "shrinker": (50, 5_000), HOSTILE_NAME: (10, 1_000), "umbrella": (15, 1_500)}
+    last = {"acme": (25, 5_000), "globex": (140, 12_000), "shrinker": (30, 3_000),
+            HOSTILE_NAME: (40, 4_000)}
+    for hour in _hours(72):
+        for tenant, (hosts, metrics) in steady.items():
+            if hour == LATEST:
+                hosts, metrics = last.get(tenant, (hosts, metrics))
+            if tenant == "umbrella" and hour == LATEST - timedelta(hours=5):
+                hosts = 60
+            lines.append(tenant_hour(tenant, hour, hosts, 0, metrics))
+    lines += [tenant_hour("newco", h, 15, 5, 2_000) for h in _hours(3)]
+    spike = LATEST - timedelta(days=9)
+    lines += [tenant_hour("old-spike", h, 10, 0, 100) for h in _hours(24, spike)]
+    lines.append(tenant_hour("old-spike", spike + timedelta(hours=1), 50, 0, 100))
+    lines += [ingested("acme", LATEST + timedelta(minutes=10), 100),
+              ingested("globex", LATEST + timedelta(minutes=20), 50),
+              ingested("acme", LATEST - timedelta(minutes=55), 30)]
+    for i, hour in enumerate(_hours(6)):  # snapshot-usage: the run 2 hours back lost a tenant
+        at = (hour + timedelta(hours=1, minutes=2)).isoformat()
+        short = hour == LATEST - timedelta(hours=2)
+        lines.append(finished(f"snap-{i}", "snapshot-usage", "partial" if short else "succeeded",
+                              at, 4.5, tenants_expected=7, tenants_processed=6 if short else 7,
+                              tenants_failed=1 if short else 0))
+    lines += [
+        finished("close-1", "close-billing-period", "succeeded",
+                 (STORE_NOW - timedelta(days=8)).isoformat(), 30.0, tenants_expected=6,
+                 tenants_processed=6, tenants_failed=0),
+        finished("close-0", "close-billing-period", "partial",  # older than the window
+                 (STORE_NOW - timedelta(days=40)).isoformat(), 30.0, tenants_expected=6,
+                 tenants_processed=3, tenants_failed=3),
+        finished("agg-1", "aggregate-job-logs", "succeeded", STORE_NOW.isoformat(), 0.2,
+                 runs=7),
+        finished("prune-1", "prune-usage", "succeeded", STORE_NOW.isoformat(), 1.0,
+                 tenants_expected=None),
+    ]
+    return "".join(lines)
+
+
+def build_store(engine: Engine, tmp_path: Path) -> DashboardData:
+    log = tmp_path / "hostmeter.jsonl"
+    log.write_text(store_log(), encoding="utf-8")
+    lm.aggregate(engine, [log], now=STORE_NOW)
+    return lm.dashboard_data(engine, ZoneInfo("Asia/Tokyo"), now=STORE_NOW)
+
+
+def table_rows(page: str, css: str, nth: int = 0) -> list[tuple[str, tuple[str, ...]]]:
+    """(row class, unescaped cell texts) of the ``nth`` ``<table class="css">`` of the page."""
+    table = re.findall(rf'<table class="{css}">.*?</table>', page, re.S)[nth]
+    body = table.split("<tbody>", 1)[1]
+    return [(cls, tuple(html.unescape(c) for c in re.findall(r"<td[^>]*>([^<]*)</td>", row)))
+            for cls, row in re.findall(r'<tr(?: class="([^"]*)")?>(.*?)</tr>', body, re.S)]
+
+
+@pytest.fixture
+def store_page(engine: Engine, tmp_path: Path) -> str:
+    return dashboard.render(build_store(engine, tmp_path))
+
+
+def test_top_growth_ranks_the_latest_hour_against_the_day_before(store_page: str) -> None:
+    assert "2026-11-08 23:00 UTC vs 2026-11-07 23:00 UTC (a day before)" in store_page
+    hosts = [cells for _, cells in table_rows(store_page, "growth", 0)]
+    assert hosts == [  # initech (no growth) and shrinker (shrank) are not ranked
+        ("1", "globex", "140", "100", "+40", "+40.0%"),
+        ("2", HOSTILE_NAME, "40", "10", "+30", "+300.0%"),
+        ("3", "newco", "20", "—", "+20", "new"),
+        ("4", "acme", "25", "10", "+15", "+150.0%"),
+    ]
+    metrics = [cells[1:5] for _, cells in table_rows(store_page, "growth", 1)]
+    assert metrics == [("acme", "5,000", "1,000", "+4,000"),
+                       (HOSTILE_NAME, "4,000", "1,000", "+3,000"),
+                       ("globex", "12,000", "10,000", "+2,000"),  # a tie: by name
+                       ("newco", "2,000", "—", "+2,000")]
+
+
+def test_top_growth_is_limited_to_n(engine: Engine, tmp_path: Path) -> None:
+    build_store(engine, tmp_path)
+    with engine.connect() as conn:
+        ranked = lm.growth_rankings(conn, top=2)
+    assert [(r.series, [t.tenant for t in r.tenants]) for r in ranked] == [
+        ("hosts", ["globex", HOSTILE_NAME]), ("metrics", ["acme", HOSTILE_NAME])]
+
+
+def test_flagged_tenant_hours_of_the_last_week_newest_first(store_page: str) -> None:
+    assert "4 flagged since 2026-11-02 00:00 UTC." in store_page  # not old-spike's
+    rows = [cells for _, cells in table_rows(store_page, "flags")]
+    assert rows == [  # within an hour, the largest jump first
+        ("2026-11-08 23:00 UTC", "acme", "metrics", "5,000", "1,000", "5.0×"),
+        ("2026-11-08 23:00 UTC", HOSTILE_NAME, "hosts", "40", "10", "4.0×"),
+        ("2026-11-08 23:00 UTC", HOSTILE_NAME, "metrics", "4,000", "1,000", "4.0×"),
+        ("2026-11-08 18:00 UTC", "umbrella", "hosts", "60", "15", "4.0×"),
+    ]
+
+
+def test_flags_are_bounded_by_rows_and_days(engine: Engine, tmp_path: Path) -> None:
+    build_store(engine, tmp_path)
+    with engine.connect() as conn:
+        few = lm.noisy_flags(conn, now=STORE_NOW, limit=2)
+        longer = lm.noisy_flags(conn, now=STORE_NOW, days=10)
+    assert (len(few.flags), few.total) == (2, 4)
+    assert "Newest 2 of 4 flagged since" in dashboard.render(replace(EMPTY, noisy=few))
+    assert longer.total == 5 and longer.flags[-1].tenant == "old-spike"
+
+
+def test_completeness_shows_the_latest_runs_and_highlights_the_short_one(
+        store_page: str) -> None:
+    assert "1 of 6 runs processed fewer tenants than they expected" in store_page
+    rows = [(css, cells[0], cells[2:]) for css, cells in table_rows(store_page, "completeness")]
+    assert rows == [  # the latest 5 of snapshot-usage's 6; close-billing's of 40 days ago and
+        # runs reporting no tenant counts (aggregate-job-logs, prune-usage's null) are not shown
+        ("", "close-billing-period", ("succeeded", "6", "6", "0", "0")),
+        ("", "snapshot-usage", ("succeeded", "7", "7", "0", "0")),
+        ("", "snapshot-usage", ("succeeded", "7", "7", "0", "0")),
+        ("short", "snapshot-usage", ("partial", "7", "6", "1", "−1")),
+        ("", "snapshot-usage", ("succeeded", "7", "7", "0", "0")),
+        ("", "snapshot-usage", ("succeeded", "7", "7", "0", "0")),
+    ]
+    finished_at = [cells[1] for _, cells in table_rows(store_page, "completeness")]
+    assert finished_at[1] == "2026-11-09 00:02 UTC"
+
+
+def test_capacity_charts_the_fleet_totals_per_hour(store_page: str) -> None:
+    charts = re.findall(r'<svg class="chart" data-chart="(\w+)"', store_page)
+    assert charts == ["durations", "statuses", "tenants", "fleet_hosts", "fleet_metrics",
+                      "fleet_posts"]
+    # hosts at LATEST: 25 + 140 + 5 + 30 + 40 + 20 + 15; posts: 100 + 50 in it, 30 the hour before
+    assert "latest 275 at 2026-11-08 23:00 UTC" in store_page
+    assert "latest 150 at 2026-11-08 23:00 UTC" in store_page
+    posts = re.search(r'data-chart="fleet_posts".*?</svg>', store_page, re.S)
+    assert posts and posts.group(0).count("<polyline") == 1  # two hours in a row: one line
+
+
+def test_tenant_names_are_escaped_in_every_panel(store_page: str) -> None:
+    assert HOSTILE_NAME not in store_page and "<img" not in store_page
+    escaped = "&lt;img src=x onerror=alert(1)&gt; &amp; &quot;co&quot;"
+    assert store_page.count(escaped) == 4  # hosts and metrics growth, two flags
+    assert store_page.count("<script>") == 2
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -299,12 +523,36 @@ def test_chromium_draws_every_chart_without_script_errors(
     assert f'data-rendered="{dashboard.CHART_COUNT}"' in dom.stdout
 
     shot = tmp_path / "dashboard.png"
-    result = chromium(f"--screenshot={shot}", "--window-size=1280,1400", url)
+    result = chromium(f"--screenshot={shot}", "--window-size=1280,3000", url)
     assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
     width, height, colors = png_pixels(shot)
-    assert (width, height) == (1280, 1400)
+    assert (width, height) == (1280, 3000)
     assert len(colors) > 50, f"a near-blank screenshot: {len(colors)} colors"
-    for name in ("status.succeeded", "status.failed", "processed", "covered", "standard"):
+    for name in ("status.succeeded", "status.failed", "processed", "covered", "standard",
+                 "fleet.hosts", "fleet.metrics", "fleet.posts", "short"):
+        assert _rgb(dashboard.COLORS[name]) in colors, f"no {name} fill on the screenshot"
+
+
+@needs_chromium
+def test_chromium_draws_the_tenant_panels_built_from_the_store(
+        store_page: str, tmp_path: Path) -> None:
+    path = tmp_path / "store.html"
+    path.write_text(store_page, encoding="utf-8")
+    dom = chromium("--dump-dom", path.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert '<pre id="errors"></pre>' in dom.stdout, re.findall(
+        r'<pre id="errors">(.*?)</pre>', dom.stdout, re.S)
+    assert 'data-rendered="6"' in dom.stdout  # no billing: no coverage or units chart
+    for title in ("Completeness per job", "Capacity over time", "Top tenants by growth",
+                  "Flagged noisy neighbours"):
+        assert f"<h2>{title}</h2>" in dom.stdout
+
+    shot = tmp_path / "store.png"
+    result = chromium(f"--screenshot={shot}", "--window-size=1280,2400", path.as_uri())
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    _, _, colors = png_pixels(shot)
+    assert len(colors) > 50, f"a near-blank screenshot: {len(colors)} colors"
+    for name in ("fleet.hosts", "fleet.metrics", "fleet.posts", "short"):
         assert _rgb(dashboard.COLORS[name]) in colors, f"no {name} fill on the screenshot"
 
 
