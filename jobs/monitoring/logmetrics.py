@@ -74,7 +74,7 @@ from jobs.monitoring.tenants import (
 from jobs.monitoring.tenants import growth as tenant_growth
 from jobs.runtime.ledger import job_runs
 from metering import models as m
-from metering.db import reading, upsert
+from metering.db import bulk_insert, reading, upsert
 from metering.report import coverage
 from metering.timeutil import month_bounds
 
@@ -428,7 +428,7 @@ def _merge_runs(conn: Connection, runs: list[dict[str, Any]]) -> int:
                             "b_bucket": r["bucket"], "b_job": r["job"],
                             "b_status": r["status"]})
     if inserts:
-        conn.execute(sa.insert(jm), inserts)
+        bulk_insert(conn, jm, inserts)  # COPY on PostgreSQL: no row of these keys exists
     if updates:
         conn.execute(sa.update(jm).where(
             jm.c.name == sa.bindparam("b_name"), jm.c.bucket == sa.bindparam("b_bucket"),

@@ -60,6 +60,7 @@ job_metrics = sa.Table(
     sa.Column("job", sa.String(64), primary_key=True),
     sa.Column("status", sa.String(16), primary_key=True),
     sa.Column("value", sa.Numeric(24, 6), nullable=False),
+    sa.Index("ix_job_metrics_bucket", "bucket"),
 )
 """Time-bucketed (5-minute) metrics derived from ``log_runs``; ``job``/``status`` are '' when a
 metric has no such label."""

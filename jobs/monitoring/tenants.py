@@ -42,7 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from jobs.monitoring.store import job_metrics, tenant_flags, tenant_series
-from metering.db import upsert
+from metering.db import bulk_insert, upsert
 from metering.errors import ConfigError
 
 __all__ = ["FLEET_METRICS", "NOISY", "SERIES", "NoisyRule", "TenantEvents"]
@@ -177,18 +177,25 @@ class TenantEvents:
         self.touched.update((h, t) for _, h, t in self.latest)
         self.touched.update(self.posts)
         self.latest, self.posts = {}, {}
-        # executemany of one statement (compiled once; batched by the driver / SQLAlchemy's
-        # insertmanyvalues), not multi-row VALUES statements compiled batch by batch
-        ins = _insert(self.conn)
-        if now_rows:
-            self.conn.execute(ins.on_conflict_do_update(
-                index_elements=["series", "hour", "tenant"],
-                set_={"value": ins.excluded.value, "seen_at": ins.excluded.seen_at},
-                where=tenant_series.c.seen_at <= ins.excluded.seen_at), now_rows)
-        if post_rows:
-            self.conn.execute(ins.on_conflict_do_update(
-                index_elements=["series", "hour", "tenant"],
-                set_={"value": tenant_series.c.value + ins.excluded.value}), post_rows)
+        # Set-based: the held values go into a scratch table of the transaction in bulk (COPY
+        # on PostgreSQL, the driver's executemany on SQLite), then one INSERT … SELECT … ON
+        # CONFLICT per kind merges them (latest snapshot wins; posts add up).
+        if not now_rows and not post_rows:
+            return
+        conn = self.conn
+        conn.exec_driver_sql(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS hm_series_stage (series VARCHAR(16) NOT NULL, "
+            "hour TIMESTAMP WITH TIME ZONE NOT NULL, tenant VARCHAR(200) NOT NULL, "
+            "value BIGINT NOT NULL, seen_at TIMESTAMP WITH TIME ZONE NOT NULL)"
+            if conn.dialect.name == "postgresql" else
+            "CREATE TEMPORARY TABLE IF NOT EXISTS hm_series_stage (series TEXT NOT NULL, "
+            "hour TEXT NOT NULL, tenant TEXT NOT NULL, value INTEGER NOT NULL, "
+            "seen_at TEXT NOT NULL)")
+        for rows, merge in ((now_rows, _LATEST), (post_rows, _ADD)):
+            if rows:
+                conn.exec_driver_sql("DELETE FROM hm_series_stage")
+                bulk_insert(conn, _stage, rows)
+                conn.exec_driver_sql(merge)
 
     def finish(self) -> int:
         """Write what is held, then the fleet totals and the flags of the touched hours;
@@ -281,14 +288,21 @@ class TenantEvents:
             self.conn.execute(sa.insert(f), rows[i:i + _CHUNK])
 
 
-def _insert(conn: Connection) -> Any:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects import postgresql
-
-        return postgresql.insert(tenant_series)
-    from sqlalchemy.dialects import sqlite
-
-    return sqlite.insert(tenant_series)
+_stage = sa.Table(
+    "hm_series_stage",
+    sa.MetaData(),  # not the schema's: a scratch table of one pass's transaction, never migrated
+    sa.Column("series", sa.String(16)),
+    sa.Column("hour", tenant_series.c.hour.type),
+    sa.Column("tenant", sa.String(200)),
+    sa.Column("value", sa.BigInteger),
+    sa.Column("seen_at", tenant_series.c.seen_at.type),
+)
+_MERGE = ("INSERT INTO tenant_series (series, hour, tenant, value, seen_at) "
+          "SELECT series, hour, tenant, value, seen_at FROM hm_series_stage WHERE true "
+          "ON CONFLICT (series, hour, tenant) DO UPDATE SET ")
+_LATEST = (_MERGE + "value = excluded.value, seen_at = excluded.seen_at "
+           "WHERE tenant_series.seen_at <= excluded.seen_at")
+_ADD = _MERGE + "value = tenant_series.value + excluded.value"
 
 
 def flagged(conn: Connection, *, since: datetime | None = None) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Per-tenant job series and noisy-neighbour flags: tenant_series, tenant_flags.
+"""Per-tenant job series and noisy-neighbour flags: tenant_series, tenant_flags; job_metrics
+indexed by bucket (a log pass reads back the buckets its new runs fall in).
 
 Revision ID: 0011
 Revises: 0010
@@ -36,9 +37,11 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('series', 'hour', 'tenant', name=op.f('pk_tenant_flags'))
     )
     op.create_index('ix_tenant_flags_hour', 'tenant_flags', ['hour'], unique=False)
+    op.create_index('ix_job_metrics_bucket', 'job_metrics', ['bucket'], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index('ix_job_metrics_bucket', table_name='job_metrics')
     op.drop_index('ix_tenant_flags_hour', table_name='tenant_flags')
     op.drop_table('tenant_flags')
     op.drop_index('ix_tenant_series_tenant', table_name='tenant_series')
