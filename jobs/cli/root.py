@@ -5,7 +5,7 @@ Exit codes: ``0`` done, ``1`` the work failed or was partial (or the database is
 ``2`` bad usage or bad input. Errors are one line on stderr.
 
 Start-up cost: this module and the command modules import only click, SQLAlchemy and our own
-light modules at the top; pandas, rich, httpx, prometheus-client, APScheduler and boto3 are
+light modules at the top; rich, httpx, prometheus-client, redis, APScheduler and boto3 are
 imported inside the commands that use them, so ``hostmeter --help`` and a scheduled
 ``hostmeter run`` pay only for what they run.
 """

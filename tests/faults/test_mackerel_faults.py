@@ -151,8 +151,6 @@ def test_mackerel_holds_exactly_the_store_after_a_fault_campaign(
     engine: Engine, tmp_path: Path, mackerel: MackerelStandIn, seed: int,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import pandas  # noqa: F401  (imported once up front, as a long-lived worker has it)
-
     monkeypatch.setenv("MACKEREL_API_KEY", KEY)
     monkeypatch.setenv("MACKEREL_API_BASE", mackerel.base_url)
     monkeypatch.setenv("HOSTMETER_AGGREGATE_BUDGET_S", str(BUDGET_S))
