@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -130,25 +128,12 @@ class JobLogTiming:
 
 def _aggregate_command(path: Path, database_url: str, log_dir: Path
                        ) -> tuple[float, float | None, dict[str, Any]]:
-    from jobs.synthetic.bench.memory import MEASURED_CHILD
-    from jobs.synthetic.bench.startup import hostmeter_argv
+    from jobs.synthetic.bench.memory import run_hostmeter
 
     env = {**os.environ, "HOSTMETER_DATABASE_URL": database_url,
            "HOSTMETER_LOG_DIR": str(log_dir)}
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURED_CHILD, *hostmeter_argv(), "metrics", "aggregate",
-         "--logs", str(path), "--format", "json"],
-        env=env, capture_output=True, check=False)
-    seconds = time.perf_counter() - started
-    err = done.stderr.decode("utf-8", "replace").strip().splitlines()
-    peak = None
-    if err and err[-1].startswith("hostmeter-bench-peak-rss-kib "):
-        peak = round(int(err.pop().split()[1]) / 1024, 1)
-    if done.returncode != 0:
-        raise JobError(f"hostmeter metrics aggregate failed: {err[-1:]}")
-    summary: dict[str, Any] = json.loads(done.stdout)
-    return seconds, peak, summary
+    return run_hostmeter("metrics", "aggregate", "--logs", str(path), env=env,
+                         what="hostmeter metrics aggregate")
 
 
 def clean(engine: Engine) -> None:
@@ -159,10 +144,11 @@ def clean(engine: Engine) -> None:
     end = START + timedelta(days=3660)
     with engine.begin() as conn:
         conn.execute(sa.delete(log_runs).where(log_runs.c.run_id.like("bench-run-%")))
-        conn.execute(sa.delete(job_metrics).where(job_metrics.c.bucket >= START,
-                                                  job_metrics.c.bucket < end))
-        for table in (tenant_series, tenant_flags):
-            conn.execute(sa.delete(table).where(table.c.hour >= START, table.c.hour < end))
+        conn.execute(sa.delete(job_metrics).where(
+            job_metrics.c.bucket >= START - timedelta(days=1), job_metrics.c.bucket < end))
+        for table in (tenant_series, tenant_flags):  # hours start an hour before the runs
+            conn.execute(sa.delete(table).where(table.c.hour >= START - timedelta(days=1),
+                                                table.c.hour < end))
 
 
 def time_job_logs(directory: Path, engine: Engine, database_url: str, *, runs: int

@@ -14,9 +14,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = ["MEASURED_CHILD", "PeakRSS", "current_peak_mib", "current_rss_mib", "release_freed",
-           "reset_peak"]
+           "reset_peak", "run_hostmeter"]
 
 MEASURED_CHILD = (
     "import os, subprocess, sys\n"
@@ -93,3 +94,29 @@ class PeakRSS:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.mib = current_peak_mib() if self._reset else None
+
+
+def run_hostmeter(*args: str, env: dict[str, str], what: str) -> tuple[float, float | None, Any]:
+    """``hostmeter ARGS… --format json`` in a new process (start-up included), measured by
+    :data:`MEASURED_CHILD`: its wall time, its own peak resident size in MiB (``None`` where
+    the platform does not say) and its JSON output. Raises :class:`JobError` naming ``what``
+    when the command fails."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from jobs.runtime.errors import JobError
+    from jobs.synthetic.bench.startup import hostmeter_argv
+
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", MEASURED_CHILD, *hostmeter_argv(), *args,
+                           "--format", "json"], env=env, capture_output=True, check=False)
+    seconds = time.perf_counter() - started
+    err = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    peak = None
+    if err and err[-1].startswith("hostmeter-bench-peak-rss-kib "):
+        peak = round(int(err.pop().split()[1]) / 1024, 1)
+    if done.returncode != 0:
+        raise JobError(f"{what} failed: {err[-1:]}")
+    return seconds, peak, json.loads(done.stdout)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -203,25 +201,13 @@ class PostsTiming:
 
 def _ingest(path: Path, database_url: str) -> IngestRun:
     """``hostmeter ingest FILE --format json`` in a new process: its wall time, its summary and
-    its own peak resident size (:data:`~jobs.synthetic.bench.memory.MEASURED_CHILD`)."""
-    from jobs.synthetic.bench.memory import MEASURED_CHILD
-    from jobs.synthetic.bench.startup import hostmeter_argv
+    its own peak resident size (:func:`~jobs.synthetic.bench.memory.run_hostmeter`)."""
+    from jobs.synthetic.bench.memory import run_hostmeter
 
-    argv = hostmeter_argv()
-    env = {**os.environ, "HOSTMETER_DATABASE_URL": database_url}
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURED_CHILD, *argv, "ingest", str(path), "--format", "json"],
-        env=env, capture_output=True, check=False,
-    )
-    seconds = time.perf_counter() - started
-    err = done.stderr.decode("utf-8", "replace").strip().splitlines()
-    peak = None
-    if err and err[-1].startswith("hostmeter-bench-peak-rss-kib "):
-        peak = round(int(err.pop().split()[1]) / 1024, 1)
-    if done.returncode != 0:
-        raise JobError(f"hostmeter ingest {path.name} failed: {err[-1:]}")
-    return IngestRun(seconds=seconds, peak_rss_mib=peak, summary=json.loads(done.stdout))
+    seconds, peak, summary = run_hostmeter(
+        "ingest", str(path), env={**os.environ, "HOSTMETER_DATABASE_URL": database_url},
+        what=f"hostmeter ingest {path.name}")
+    return IngestRun(seconds=seconds, peak_rss_mib=peak, summary=summary)
 
 
 def time_ingest_file(first: PostsFile, second: PostsFile, database_url: str) -> PostsTiming:
