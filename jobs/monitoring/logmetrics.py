@@ -125,6 +125,7 @@ COUNT_METRICS = {
     "hostmeter.billing.amount": "billed_amount",
 }
 _RUN_METRICS = ("hostmeter.job.runs", "hostmeter.job.duration_seconds", *COUNT_METRICS)
+_RUN_METRIC_SET = frozenset(_RUN_METRICS)
 """What :func:`_merge_runs` derives from runs (and so updates); the state metrics, the
 fleet totals and the noisy-tenant counts are kept."""
 
@@ -394,6 +395,20 @@ class _Buckets:
         return out
 
 
+def _spans(buckets: list[datetime]) -> Iterator[tuple[datetime, datetime]]:
+    """Sorted buckets as (first, last) ranges, a new range where the next bucket is an hour or
+    more away (so a range holds few buckets the batch does not touch)."""
+    if not buckets:
+        return
+    first = prev = buckets[0]
+    for b in buckets[1:]:
+        if b - prev >= timedelta(hours=1):
+            yield first, prev
+            first = b
+        prev = b
+    yield first, prev
+
+
 def _merge_runs(conn: Connection, runs: list[dict[str, Any]]) -> int:
     """Add newly stored runs to the metrics of their buckets: counts and sums added, the
     longest duration kept, only for the buckets these runs fall in (read back, merged and
@@ -407,13 +422,15 @@ def _merge_runs(conn: Connection, runs: list[dict[str, Any]]) -> int:
                 r["counts"] or {})
     delta = acc.rows()
     buckets = sorted({r["bucket"] for r in delta})
+    wanted = set(buckets)
     old: dict[tuple[str, datetime, str, str], Decimal] = {}
     jm = job_metrics
-    for i in range(0, len(buckets), 500):
+    for first, last in _spans(buckets):  # range reads: a batch's runs are close in time
         for name, bucket, job, status, value in conn.execute(
                 sa.select(jm.c.name, jm.c.bucket, jm.c.job, jm.c.status, jm.c.value)
-                .where(jm.c.bucket.in_(buckets[i:i + 500]), jm.c.name.in_(_RUN_METRICS))):
-            old[(name, bucket, job, status)] = Decimal(value)
+                .where(jm.c.bucket >= first, jm.c.bucket <= last)):
+            if bucket in wanted and name in _RUN_METRIC_SET:
+                old[(name, bucket, job, status)] = Decimal(value)
     inserts, updates = [], []
     for r in delta:
         before = old.get((r["name"], r["bucket"], r["job"], r["status"]))
