@@ -2,6 +2,15 @@
 
 Window: the scheduled time → the previous calendar month in the billing time zone (a trigger on
 the 1st at 03:00 Asia/Tokyo closes the month that just ended); ``--period`` overrides it.
+
+Per-item events: a close or a rerun that has committed logs one ``tenant_billed`` (info) per
+tenant it rated, fields ``tenant``, ``period``, ``std_units``, ``micro_units``, ``amount`` (the
+invoice's total, a decimal string of yen) and ``status``, what the billing service did:
+``created`` (revision 1 written), ``revised``, ``adjusted`` (a final invoice corrected by a new
+draft and an adjustment), ``restored`` (the data came back to the final invoice's),
+``unchanged``, or ``stale`` (a close that found an invoice it may not revise: the numbers are
+the standing invoice's). A tenant that failed has its ``tenant_failed`` event instead, and a
+dry run, which bills no one, logs none.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from billing.service import (
     rerun_period,
 )
 from jobs.runtime.context import JobContext
+from jobs.runtime.logconfig import item_events
 from metering.timeutil import previous_period
 
 __all__ = ["actor", "close", "finalize", "period_for", "rerun"]
@@ -53,6 +63,20 @@ def _counts(outcome: BillingOutcome, sink: list[BillingOutcome] | None) -> dict[
             "dry_run": outcome.dry_run, **outcome.counts()}
 
 
+def _log_billed(outcome: BillingOutcome) -> None:
+    """One ``tenant_billed`` event per tenant rated (see the module docstring)."""
+    if outcome.dry_run:
+        return
+    with item_events("tenant_billed") as emit:
+        for t in outcome.tenants:
+            invoice = t.old if t.action == "stale" else t.new
+            if t.action == "failed" or invoice is None:
+                continue
+            emit(tenant=t.tenant, period=outcome.period, std_units=invoice["standard_units"],
+                 micro_units=invoice["micro_units"], amount=str(invoice["total"]),
+                 status=t.action)
+
+
 def close(ctx: JobContext, logical_time: datetime, *, period: str | None = None,
           tenants: tuple[str, ...] = (), dry_run: bool = False, shard: Any = None,
           outcomes: list[BillingOutcome] | None = None) -> dict[str, Any]:
@@ -60,14 +84,18 @@ def close(ctx: JobContext, logical_time: datetime, *, period: str | None = None,
     tenants."""
     req = _request(ctx, logical_time, period, tenants=tenants, dry_run=dry_run,
                    owns=shard.owns if shard is not None and shard.count > 1 else None)
-    return _counts(close_period(ctx.engine, req), outcomes)
+    outcome = close_period(ctx.engine, req)
+    _log_billed(outcome)
+    return _counts(outcome, outcomes)
 
 
 def rerun(ctx: JobContext, logical_time: datetime, *, period: str | None = None,
           tenants: tuple[str, ...] = (), dry_run: bool = False, reason: str | None = None,
           outcomes: list[BillingOutcome] | None = None) -> dict[str, Any]:
     req = _request(ctx, logical_time, period, tenants=tenants, dry_run=dry_run, reason=reason)
-    return _counts(rerun_period(ctx.engine, req), outcomes)
+    outcome = rerun_period(ctx.engine, req)
+    _log_billed(outcome)
+    return _counts(outcome, outcomes)
 
 
 def finalize(ctx: JobContext, logical_time: datetime, *, period: str | None = None,

@@ -5,6 +5,16 @@ stderr the first :data:`SHOWN_ERRORS` and "… and N more"; with ``--format json
 in the ``errors`` array of the one JSON object printed, also when the input is rejected (exit
 2). For JSON they are written to a temporary file as they are found and copied out at the end
 (:class:`_RejectedLines`), so a file of millions of bad lines costs disk, not memory.
+
+An input that is recorded (committed) logs one ``tenant_ingested`` (info) per tenant it names,
+in the order it first names them: ``tenant`` (its key), ``posts`` (its ``host_post`` and
+``service_post`` lines) and ``records`` (all its records); ``--skip-invalid`` counts the lines
+recorded, not the skipped ones. Only the first
+:data:`~metering.ingest.ITEMISED_TENANTS` tenants are itemised: past them one
+``tenants_not_itemised`` event gives how many more tenants there were (``tenants``) and their
+``posts`` and ``records`` together. A rejected input logs none. These lines carry
+``job=ingest``, a ``run_id`` of their own and, for ``logical_time``, the instant the command
+started (an input has no scheduled time).
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
@@ -132,6 +143,7 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
         size = path.stat().st_size
     opened = [stream]
     rejected = _RejectedLines() if fmt == "json" else None
+    started = datetime.now(UTC)
     try:
         engine = current_state().engine()
         with progress(f"ingest {source}", size) as update:
@@ -146,6 +158,7 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
                 engine, _binary_lines(stream, update, size), skip_invalid=skip_invalid,
                 on_error=rejected, reopen=reopen if path is not None else None,
             )
+        _log_tenants(summary, started)
         _print_ingest(summary, fmt, rejected)
     except InvalidBatch as exc:
         if rejected is not None:
@@ -161,6 +174,25 @@ def ingest(source: str, skip_invalid: bool, fmt: str) -> None:
                 f.close()
         if rejected is not None:
             rejected.close()
+
+
+def _log_tenants(summary: IngestSummary, started: datetime) -> None:
+    """The per-tenant events of a recorded input (see the module docstring)."""
+    import structlog
+
+    from jobs.runtime.context import new_run_id
+    from jobs.runtime.logconfig import item_events
+
+    with structlog.contextvars.bound_contextvars(job="ingest", run_id=new_run_id(),
+                                                 logical_time=started.isoformat()):
+        with item_events("tenant_ingested") as emit:
+            for tenant, (posts, records) in summary.per_tenant.items():
+                emit(tenant=tenant, posts=posts, records=records)
+        if summary.tenants_not_itemised:
+            posts, records = summary.not_itemised
+            structlog.get_logger().info("tenants_not_itemised",
+                                        tenants=summary.tenants_not_itemised,
+                                        posts=posts, records=records)
 
 
 def _print_ingest(summary: IngestSummary, fmt: str, rejected: _RejectedLines | None) -> None:

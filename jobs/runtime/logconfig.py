@@ -11,26 +11,37 @@ Names in events are shown safely: a JSON line escapes every control character (C
 bidirectional overrides too, which ``json`` would leave raw), and the console rendering of a
 terminal escapes them visibly and leaves the traceback to the log file (the terminal gets the
 command's one-line error).
+
+Per-item events (a line per tenant-hour, invoice or tenant of an input: tens of thousands in a
+run) go through :func:`item_events`, the fast path of the same configuration. Logged one by
+one, a ``tenant_hour`` line cost about 40 µs (most of it the URL regex of the redaction, run on
+every text value, and two flushes); in bulk it costs about a quarter of that: the processors
+run once per block on the fields every line shares, each line's own fields are redacted and
+rendered as above, and lines are written and flushed :data:`ITEM_LINES_PER_WRITE` at a time.
+An event written either way is the same line, byte for byte but for its timestamp.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
-from structlog.typing import EventDict, WrappedLogger
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from metering.db import password_forms
 from metering.display import escape_controls, one_line
 
-__all__ = ["SecretRedactor", "configure_logging", "redact_secrets", "register_secrets"]
+__all__ = ["ITEM_LINES_PER_WRITE", "SecretRedactor", "configure_logging", "item_events",
+           "redact_secrets", "register_secrets"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _SECRET_KEYS = re.compile(r"(api[_-]?key|password|passwd|secret|token|authorization)", re.I)
@@ -42,6 +53,13 @@ _URL_PASSWORD = re.compile(
 _SECRET_ENV = ("MACKEREL_API_KEY",)
 _SECRET_URL_ENV = ("HOSTMETER_DATABASE_URL", "HOSTMETER_REDIS_URL")
 _MIN_SECRET = 4  # shorter values are no secret worth garbling every line for
+_PLAIN = (int, float, bool, type(None))  # values with no text to hide
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_key(key: str) -> bool:
+    """``key`` names a secret (field names are few and repeat on every line: asked once each)."""
+    return _SECRET_KEYS.search(key) is not None
 
 
 def _environment_secrets() -> list[str]:
@@ -65,21 +83,27 @@ class SecretRedactor:
         self.secrets = sorted(found, key=len, reverse=True)  # longest first: no half-replaced
 
     def _scrub(self, value: Any) -> Any:
+        if isinstance(value, _PLAIN):
+            return value
         if isinstance(value, str):
             for secret in self.secrets:
                 if secret in value:
                     value = value.replace(secret, "***")
+            # The pattern needs a "://": text without one (nearly every value) skips the regex.
+            if "://" not in value:
+                return value
             return _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", value)
         if isinstance(value, dict):
-            return {k: "***" if _SECRET_KEYS.search(str(k)) else self._scrub(v)
+            return {k: "***" if _secret_key(str(k)) else self._scrub(v)
                     for k, v in value.items()}
         if isinstance(value, list | tuple):
             return type(value)(self._scrub(v) for v in value)
         return value
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        scrub = self._scrub
         return {
-            k: "***" if _SECRET_KEYS.search(k) and v is not None else self._scrub(v)
+            k: "***" if v is not None and _secret_key(k) else scrub(v)
             for k, v in event_dict.items()
         }
 
@@ -91,6 +115,14 @@ redact_secrets = SecretRedactor()
 # CSI among them), the bidirectional overrides and the line separators raw.
 _JSON_UNSAFE = {c: f"\\u{c:04x}" for c in [*range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F,
                                             *range(0x2028, 0x202F), *range(0x2066, 0x206A)]}
+
+
+def _json_safe(line: str) -> str:
+    """``line`` with the characters of :data:`_JSON_UNSAFE` escaped (ASCII text without DEL,
+    nearly every line, has none of them: ``str.translate`` is skipped)."""
+    if line.isascii() and "\x7f" not in line:
+        return line
+    return line.translate(_JSON_UNSAFE)
 
 
 def _console_safe(value: Any) -> Any:
@@ -113,7 +145,7 @@ class _TeeLogger:
         self.min_level = min_level
 
     def _emit(self, event_dict: EventDict) -> None:
-        line = json.dumps(event_dict, default=str, ensure_ascii=False).translate(_JSON_UNSAFE)
+        line = _json_safe(json.dumps(event_dict, default=str, ensure_ascii=False))
         if self.file is not None:
             self.file.write(line + "\n")
             self.file.flush()
@@ -128,6 +160,19 @@ class _TeeLogger:
 
     def msg(self, **event_dict: Any) -> None:
         self._emit(event_dict)
+
+    def write_lines(self, lines: list[str], level: str) -> None:
+        """Write JSON lines already rendered (by :func:`item_events`) in one go, flushed once.
+        The stream gets them at ``level`` or above; a console rendering never comes here."""
+        if not lines:
+            return
+        text = "\n".join(lines) + "\n"
+        if self.file is not None:
+            self.file.write(text)
+            self.file.flush()
+        if _LEVELS.get(level, 20) >= self.min_level:
+            self.stream.write(text)
+            self.stream.flush()
 
     debug = info = warning = warn = error = critical = exception = log = msg
 
@@ -152,6 +197,7 @@ class _LibraryRecords(logging.Handler):
 
 
 _state: dict[str, Any] = {}
+_STAMPER = structlog.processors.TimeStamper(fmt="iso", utc=True)
 
 
 def register_secrets(secrets: Iterable[str]) -> None:
@@ -195,16 +241,24 @@ def configure_logging(
     out = stream or sys.stderr
     console = out.isatty() and os.environ.get("HOSTMETER_LOG_FORMAT") != "json"
     sink = _TeeLogger(file, out, console, _LEVELS.get(stderr_level, 20))
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _STAMPER,
+        structlog.processors.format_exc_info,
+        redactor,
+    ]
+
+    def factory(*_: Any) -> _TeeLogger:
+        return sink
+
+    _state["sink"] = sink
+    _state["processors"] = tuple(processors)
+    _state["factory"] = factory
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            redactor,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(10),
-        logger_factory=lambda *_: sink,
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     root = logging.getLogger()
@@ -212,3 +266,82 @@ def configure_logging(
         root.removeHandler(handler)
     root.addHandler(_LibraryRecords(logging.WARNING))
     return path
+
+
+ITEM_LINES_PER_WRITE = 1000
+"""Lines :func:`item_events` renders before it writes them (and flushes) in one go."""
+
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)  # json.dumps(…) of every line
+
+
+def _fast_sink(level: str) -> tuple[_TeeLogger, SecretRedactor, tuple[Any, ...]] | None:
+    """The sink, redactor and processors of :func:`configure_logging`'s configuration if it is
+    the one in force (not replaced, e.g. by ``structlog.testing.capture_logs``, which swaps the
+    processors in place) and renders events at ``level`` as JSON; else ``None``."""
+    sink: _TeeLogger | None = _state.get("sink")
+    if sink is None or _LEVELS.get(level) is None:
+        return None
+    config = structlog.get_config()
+    if (config["logger_factory"] is not _state["factory"]
+            or tuple(config["processors"]) != _state["processors"]):
+        return None
+    if sink.console is not None and _LEVELS[level] >= sink.min_level:
+        return None  # a person's terminal gets the console rendering, event by event
+    return sink, _state["redactor"], _state["processors"]
+
+
+@contextmanager
+def item_events(event: str, *, level: str = "info") -> Iterator[Callable[..., None]]:
+    """``with item_events("tenant_hour") as emit: emit(tenant=…, hour=…)``: one ``event`` per
+    item of a batch, at ``level``, each line as ``log.<level>(event, **fields)`` would write it.
+
+    Under :func:`configure_logging`'s configuration this is the fast path: the configured
+    processors run once, when the block starts, on the fields every line shares (the context
+    bound then — ``job``, ``run_id``, ``logical_time`` —, the level); each line gets its own
+    timestamp and its fields redacted by the same redactor, is rendered as JSON exactly as
+    :class:`_TeeLogger` renders an event, and lines are written and flushed
+    :data:`ITEM_LINES_PER_WRITE` at a time and when the block ends (also when it raises).
+    Any other configuration (structlog's defaults, ``capture_logs`` in tests) and a console
+    rendering get one ordinary event per call.
+    """
+    fast = _fast_sink(level)
+    log = structlog.get_logger()
+    if fast is None:
+        method = getattr(log, level)
+
+        def emit_one(**fields: Any) -> None:
+            method(event, **fields)
+
+        yield emit_one
+        return
+    sink, redact, processors = fast
+    shared: dict[str, Any] = {"event": event}
+    for processor in processors:  # merge_contextvars, add_log_level, stamper, …, redactor
+        shared = processor(None, level, shared)
+    shared.pop("timestamp", None)
+    shared_keys = frozenset(shared) | {"timestamp"}
+    rendered = _ENCODER.encode(shared)
+    tail = rendered[1:-1] + ', "timestamp": "'
+    head_tail = ", " + tail
+    stamp = _STAMPER.__call__
+    lines: list[str] = []
+
+    def emit(**fields: Any) -> None:
+        if not shared_keys.isdisjoint(fields):
+            # A field that overrides a shared one (rare): rendered the ordinary way, in order.
+            sink.write_lines(lines, level)
+            lines.clear()
+            getattr(log, level)(event, **fields)
+            return
+        body = _ENCODER.encode(redact(None, level, fields))
+        when = stamp(None, level, {})["timestamp"]
+        line = (body[:-1] + head_tail if fields else "{" + tail) + when + '"}'
+        lines.append(_json_safe(line))
+        if len(lines) >= ITEM_LINES_PER_WRITE:
+            sink.write_lines(lines, level)
+            lines.clear()
+
+    try:
+        yield emit
+    finally:
+        sink.write_lines(lines, level)

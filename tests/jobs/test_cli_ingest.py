@@ -8,13 +8,19 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
+from structlog.testing import capture_logs
 
+from jobs.cli import ingest as ingest_cli
 from metering import db
 from metering import models as m
+from metering.ingest import IngestSummary
 
 ROOT = Path(__file__).resolve().parents[2]
 # The installed console script, run the way a user or an ECS task runs it.
@@ -129,6 +135,70 @@ def test_format_json(db_url: str, tmp_path: Path, good_file: Path) -> None:
     out = json.loads(proc.stdout)
     assert {k: out[k] for k in GOOD_SUMMARY} == GOOD_SUMMARY
     assert out["errors"] == []
+
+
+def log_events(tmp_path: Path, event: str) -> list[dict[str, Any]]:
+    path = tmp_path / "logs" / "hostmeter.jsonl"
+    if not path.exists():
+        return []
+    events = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [e for e in events if e["event"] == event]
+
+
+def test_a_tenant_ingested_line_per_tenant_once_committed(db_url: str, tmp_path: Path,
+                                                         good_file: Path) -> None:
+    before = datetime.now(UTC)
+    proc = hostmeter("ingest", str(good_file), db_url=db_url, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    events = log_events(tmp_path, "tenant_ingested")
+    assert [{k: e[k] for k in ("tenant", "posts", "records")} for e in events] == [
+        {"tenant": "acme", "posts": 2, "records": 3},  # a plan and two host posts
+        {"tenant": "globex", "posts": 1, "records": 1},
+    ]
+    for e in events:
+        assert e.keys() == {"tenant", "posts", "records", "timestamp", "level", "event", "job",
+                            "run_id", "logical_time"}
+        assert (e["level"], e["job"]) == ("info", "ingest")
+        assert datetime.fromisoformat(e["logical_time"]) >= before  # when the command started
+    assert len({e["run_id"] for e in events}) == 1
+    assert log_events(tmp_path, "tenants_not_itemised") == []
+    # on stderr too (not a terminal: info and up), as JSON lines a person's output skips
+    assert sum('"tenant_ingested"' in ln for ln in proc.stderr.splitlines()) == 2
+
+    hostmeter("ingest", str(good_file), db_url=db_url, tmp_path=tmp_path)  # loaded again
+    again = log_events(tmp_path, "tenant_ingested")
+    assert len(again) == 4 and again[2]["run_id"] != events[0]["run_id"]
+
+
+def test_a_rejected_input_logs_no_tenant_lines(db_url: str, tmp_path: Path) -> None:
+    proc = hostmeter("ingest", str(with_bad_line(tmp_path, BAD_LINES["kind"])), db_url=db_url,
+                     tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert log_events(tmp_path, "tenant_ingested") == []
+
+    skipped = hostmeter("ingest", "--skip-invalid", str(with_bad_line(tmp_path, BAD_LINES["kind"])),
+                        db_url=db_url, tmp_path=tmp_path)
+    assert skipped.returncode == 0, skipped.stderr
+    assert [(e["tenant"], e["posts"], e["records"])
+            for e in log_events(tmp_path, "tenant_ingested")] == [
+        ("acme", 2, 3), ("globex", 1, 1)]  # the skipped line is not counted
+
+
+def test_tenants_past_the_itemised_ones_are_one_line() -> None:
+    summary = IngestSummary(records=27, tenants=5, per_tenant={"t-0": [5, 6], "t-1": [5, 5]},
+                            not_itemised=[12, 16], tenants_not_itemised=3)
+    started = datetime(2026, 10, 15, 10, 7, tzinfo=UTC)
+    structlog.contextvars.clear_contextvars()
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+        ingest_cli._log_tenants(summary, started)
+    shared = {"job": "ingest", "logical_time": started.isoformat(), "log_level": "info"}
+    assert [{k: v for k, v in e.items() if k != "run_id"} for e in events] == [
+        {"event": "tenant_ingested", "tenant": "t-0", "posts": 5, "records": 6, **shared},
+        {"event": "tenant_ingested", "tenant": "t-1", "posts": 5, "records": 5, **shared},
+        {"event": "tenants_not_itemised", "tenants": 3, "posts": 12, "records": 16, **shared},
+    ]
+    assert len({e["run_id"] for e in events}) == 1
+    assert structlog.contextvars.get_contextvars() == {}
 
 
 @pytest.mark.parametrize("field", sorted(BAD_LINES))

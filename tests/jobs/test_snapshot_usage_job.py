@@ -26,12 +26,15 @@ from structlog.testing import capture_logs
 from jobs import snapshot_usage
 from jobs.runtime.context import JobContext, JobResult, run_job
 from jobs.runtime.logconfig import configure_logging
-from metering import db
+from jobs.synthetic.fleet import demo_fleet
+from metering import db, snapshot
 from metering import models as m
 from metering.errors import InvalidWindow
 from metering.ingest import UsageRecorder
 from metering.records import AnomalyRole, HostPost, MonitorChange, PlanChange, Record, RoleMember
+from metering.retention import prune
 from metering.settings import Settings
+from metering.timeutil import month_bounds
 
 JOB = "snapshot-usage"
 T = datetime(2026, 10, 15, 10, 5, tzinfo=UTC)  # the scheduled time of the 10:05 trigger
@@ -176,8 +179,8 @@ EXPECTED_COUNTS = {
     "hours": 4,
     "first_hour": "2026-10-15T06:00:00+00:00",
     "last_hour": "2026-10-15T09:00:00+00:00",
-    "tenants_expected": 2,
-    "tenants_processed": 2,
+    "tenants_expected": 6,  # tenant-hours: the rows that should be, and that are, written
+    "tenants_processed": 6,
     "tenant_hours": 6,
     "host_hours": 2 + 1 + 2 + 2,
     "host_metrics": 3 + 2 + (2 + 210) + 3,
@@ -376,7 +379,7 @@ def test_json_log_file_carries_the_run_fields(
     assert [e["level"] for e in run_events if e["event"] == "hour_snapshotted"] == ["debug"] * 4
     # stderr (here: the stream) gets the same JSON lines from info up
     shown = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
-    assert shown == ["job_started", "job_finished", "after_the_run"]
+    assert shown == ["job_started", *["tenant_hour"] * 6, "job_finished", "after_the_run"]
 
 
 def test_failed_run_logs_one_finished_with_the_error(
@@ -411,6 +414,145 @@ def test_a_body_that_returns_no_counts_is_a_failed_run(returned: Any) -> None:
     assert result.counts == {}
     assert [e["event"] for e in events] == ["job_started", "job_error", "job_finished"]
     assert events[-1]["status"] == "failed"
+
+
+# --- per-item events: one tenant_hour line per tenant-hour frozen ---------------------------
+
+ITEM_FIELDS = {"tenant", "hour", "std", "micro", "metrics", "over", "svc", "mon", "plan"}
+RUN_FIELDS = {"timestamp", "level", "event", "job", "run_id", "logical_time"}
+
+
+def tenant_hour(tenant: str, hh: int, plan: str | None, *, std: int = 0, micro: int = 0,
+                metrics: int = 0, over: int = 0, svc: int = 0, mon: int = 0) -> dict[str, Any]:
+    return {"tenant": tenant, "hour": f"2026-10-15T{hh:02d}:00:00Z", "std": std,
+            "micro": micro, "metrics": metrics, "over": over, "svc": svc, "mon": mon,
+            "plan": plan}
+
+
+# EXPECTED_ROWS as lines, by hour and tenant
+EXPECTED_LINES = [
+    tenant_hour("acme", 6, "standard", std=1, micro=1, metrics=3),
+    tenant_hour("acme", 7, "standard", std=1, metrics=2, mon=1),
+    tenant_hour("acme", 8, "standard", std=1, metrics=2, mon=1),
+    tenant_hour("beta", 8, "trial", std=1, metrics=210, over=10),
+    tenant_hour("acme", 9, "standard", std=1, micro=1, metrics=3, mon=1),
+    tenant_hour("beta", 9, "trial"),
+]
+
+
+def items(events: list[dict[str, Any]], name: str = "tenant_hour") -> list[dict[str, Any]]:
+    """The item fields of the ``name`` events, in order."""
+    return [{k: v for k, v in e.items() if k not in RUN_FIELDS} for e in events
+            if e["event"] == name]
+
+
+def test_a_tenant_hour_line_per_row_frozen_and_again_on_a_rerun(
+    seeded: Engine, db_url: str, json_logs: tuple[Path, io.StringIO]
+) -> None:
+    path, stream = json_logs
+
+    first = run(seeded, db_url)
+    second = run(seeded, db_url)  # the same hours frozen again: the same lines again
+
+    events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [e for e in events if e["event"] == "tenant_hour"]
+    assert len(lines) == 2 * len(EXPECTED_ROWS)
+    for e, result in zip(lines, [first] * 6 + [second] * 6, strict=True):
+        assert e.keys() == ITEM_FIELDS | RUN_FIELDS, e  # exactly these fields, no others
+        assert (e["level"], e["job"], e["run_id"], e["logical_time"]) == (
+            "info", JOB, result.run_id, T.isoformat())
+        assert e["timestamp"].endswith("Z")
+    assert items(events) == EXPECTED_LINES + EXPECTED_LINES
+    # each run's lines come after its rows are committed, before its job_finished
+    kinds = [e["event"] for e in events if e["level"] != "debug"]
+    assert kinds == 2 * ["job_started", *["tenant_hour"] * 6, "job_finished"]
+    assert first.counts["tenants_processed"] == len(EXPECTED_LINES)
+    # the same lines reach stderr (info and up), byte for byte
+    assert [ln for ln in stream.getvalue().splitlines() if '"tenant_hour"' in ln] == [
+        ln for ln in path.read_text(encoding="utf-8").splitlines() if '"tenant_hour"' in ln]
+
+
+@pytest.mark.usefixtures("default_structlog")
+def test_tenant_hour_events_under_any_structlog_configuration(seeded: Engine,
+                                                             db_url: str) -> None:
+    # capture_logs replaces the processors: the events come one by one, with the same fields
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+        result = run(seeded, db_url)
+    assert items(events) == [{**e, "log_level": "info"} for e in EXPECTED_LINES]
+    assert {e["run_id"] for e in events if e["event"] == "tenant_hour"} == {result.run_id}
+
+
+def test_a_lookback_hour_frozen_again_logs_its_new_numbers(
+    seeded: Engine, db_url: str, json_logs: tuple[Path, io.StringIO]
+) -> None:
+    path, _ = json_logs
+    run(seeded, db_url, T, lookback=0)  # 09:00
+    late = HostPost(tenant="acme", host="h-late", kind="standard", at=at(9, 45),
+                    metrics=("x",))
+    UsageRecorder(seeded).record([late])
+    run(seeded, db_url, T + timedelta(hours=1), lookback=1)  # 09:00 again, and 10:00
+
+    events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    acme_9 = [e for e in items(events) if (e["tenant"], e["hour"]) == (
+        "acme", "2026-10-15T09:00:00Z")]
+    assert [(e["std"], e["metrics"]) for e in acme_9] == [(1, 3), (2, 4)]  # the latest wins
+
+
+# --- completeness: tenants expected (from recorded usage) vs processed (rows written) ----------
+
+
+def test_expected_equals_processed_on_a_generated_fleet(engine: Engine, db_url: str) -> None:
+    zone = Settings().zone
+    start, _ = month_bounds("2026-10", zone)
+    end = start + timedelta(days=4)  # covers oscorp's monitor created on the 3rd at 10:30
+    fleet = demo_fleet("2026-10", zone)
+    UsageRecorder(engine).record(
+        [r for t in fleet for r in t.records(zone) if r.at < end + timedelta(days=1)])
+    hours = snapshot_usage.backfill_hours(start, end)
+
+    result = run(engine, db_url, end, hours=hours)
+
+    counts = result.counts
+    assert counts["hours"] == 96
+    assert counts["tenants_expected"] == counts["tenants_processed"] == counts["tenant_hours"]
+    # every tenant of the fleet with a plan from the month's start, every hour
+    assert counts["tenants_processed"] >= 96 * (len(fleet) - 1)  # stark signs up on the 15th
+
+
+def test_a_tenant_the_snapshot_loses_shows_as_expected_above_processed(
+    seeded: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch,
+    json_logs: tuple[Path, io.StringIO],
+) -> None:
+    """A snapshot statement that drops a tenant (here: beta, 2 tenant-hours of the window)."""
+    path, _ = json_logs
+    whole = snapshot._usage_rows
+
+    def losing_beta(hrs: Any, in_hours: Any, limits: Any) -> sa.Select[Any]:
+        rows = whole(hrs, in_hours, limits).subquery()
+        beta = sa.select(m.tenants.c.id).where(m.tenants.c.key == "beta").scalar_subquery()
+        return sa.select(rows).where(rows.c.tenant_id != beta)
+
+    monkeypatch.setattr(snapshot, "_usage_rows", losing_beta)
+    result = run(seeded, db_url)
+
+    assert result.status == "succeeded"
+    assert (result.counts["tenants_expected"], result.counts["tenants_processed"]) == (6, 4)
+    assert result.counts["tenant_hours"] == 4
+    events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert items(events) == [e for e in EXPECTED_LINES if e["tenant"] != "beta"]
+    [finished] = [e for e in events if e["event"] == "job_finished"]
+    assert (finished["tenants_expected"], finished["tenants_processed"]) == (6, 4)
+
+
+def test_hours_kept_for_pruned_raw_usage_are_in_neither_count(seeded: Engine,
+                                                             db_url: str) -> None:
+    first = run(seeded, db_url, hours=[at(8)])
+    assert (first.counts["tenants_expected"], first.counts["tenants_processed"]) == (2, 2)
+    with seeded.begin() as conn:  # prune-usage: the raw usage before 09:00 is gone
+        prune(conn, at(9), now=FIXED_CLOCK)
+    again = run(seeded, db_url, hours=[at(8), at(9)])
+    assert again.counts["kept_pruned_hours"] == 1
+    assert (again.counts["tenants_expected"], again.counts["tenants_processed"]) == (2, 2)
 
 
 # --- the command line, as real processes ------------------------------------------------------

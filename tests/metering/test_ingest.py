@@ -505,6 +505,56 @@ def test_summary_counts(engine: Engine) -> None:
     }
 
 
+# --- per-tenant counts (hostmeter ingest's tenant_ingested events) ---------------------------
+
+SUMMARY_LINES = [
+    plan("acme", "standard", "2026-10-01T00:00:00Z"),
+    plan("initech", "trial", "2026-10-01T00:00:00Z"),  # a tenant without usage
+    host("acme", "h-1", "2026-10-15T10:03:00Z", ["a"]),
+    host("acme", "h-1", "2026-10-15T10:03:00Z", ["a"]),  # the same post twice: two lines
+    host("acme", "h-2", "2026-10-15T11:03:00+09:00", ["a"], kind="micro"),
+    "",
+    host("globex", "h-1", "2026-10-15T10:03:00Z", ["a"]),
+    # "v": 1.0 is version 1 to the full parser, not to the fast path's decoder: the slow way
+    _line(type="host_post", v=1.0, tenant="globex", host="h-2", kind="standard",
+          at="2026-10-15T10:03:00Z", metrics=["b"], status="poweroff"),
+    service("globex", "web", "2026-10-15T12:03:00Z", ["r"]),
+    monitor("globex", "m-1", "2026-10-15T10:00:00Z", "created"),
+    role("acme", "web:app", "2026-10-15T10:00:00Z", True),
+    member("acme", "web:app", "h-1", "2026-10-15T10:00:00Z", True),
+    BAD_KIND,  # acme: skipped, not counted
+    service("acme", "web", "2026-10-15T10:03:00Z", ["r"]),
+]
+
+
+def test_posts_and_records_are_counted_per_tenant(engine: Engine) -> None:
+    summary = ingest_lines(engine, SUMMARY_LINES, skip_invalid=True, batch_size=2)
+    assert summary.per_tenant == {  # [posts, records], in the order the input names them
+        "acme": [4, 7],
+        "initech": [0, 1],
+        "globex": [3, 4],
+    }
+    assert sum(r for _, r in summary.per_tenant.values()) == summary.records == 12
+    assert (summary.tenants_not_itemised, summary.not_itemised) == (0, [0, 0])
+
+
+def test_tenants_past_the_limit_are_counted_together(engine: Engine) -> None:
+    lines = [host(f"t-{i % 5}", "h-1", f"2026-10-15T1{i % 3}:03:00Z", ["a"]) for i in range(23)]
+    lines.append(plan("t-4", "standard", "2026-10-01T00:00:00Z"))
+    summary = ingest_lines(engine, lines, itemise=3)
+    assert summary.per_tenant == {"t-0": [5, 5], "t-1": [5, 5], "t-2": [5, 5]}
+    assert summary.tenants == 5 and summary.tenants_not_itemised == 2
+    assert summary.not_itemised == [8, 9]  # t-3 and t-4 together: 4 + 4 posts, and a plan
+
+
+def test_counts_restart_with_every_input_and_a_rejected_input_has_none(engine: Engine) -> None:
+    good = [host("acme", "h-1", "2026-10-15T10:03:00Z", ["a"])]
+    assert ingest_lines(engine, good).per_tenant == {"acme": [1, 1]}
+    assert ingest_lines(engine, good).per_tenant == {"acme": [1, 1]}  # loaded again: again
+    with pytest.raises(InvalidBatch):
+        ingest_lines(engine, [*good, BAD_KIND])  # the CLI logs nothing for it
+
+
 # --- plan history ----------------------------------------------------------------------------
 
 T0 = datetime(2026, 10, 14, 15, 0, tzinfo=UTC)

@@ -33,7 +33,16 @@ from metering.records import (
     parse_line,
 )
 from metering.report import coverage
-from metering.snapshot import MetricLimits, SnapshotResult, missing_hours, snapshot_hour
+from metering.snapshot import (
+    MetricLimits,
+    SnapshotResult,
+    TenantHour,
+    expected_tenant_hours,
+    missing_hours,
+    snapshot_hour,
+    snapshot_hours,
+    tenant_hours,
+)
 from metering.timeutil import HOUR, month_bounds
 
 # --- building records -------------------------------------------------------------------------
@@ -739,6 +748,72 @@ def test_concurrent_snapshots_of_one_hour_do_not_collide(engine: Engine, backend
         t.join(timeout=60)
     assert errors == []
     assert dump(engine) == expected
+
+
+# --- what was written, and what should have been ----------------------------------------------
+
+# Monitors created and deleted at one instant (the deletion wins from that instant on), alone
+# (no plan): inside an hour, and on an hour's boundary; a role alone gives no row.
+SAME_INSTANT = [
+    monitor("blink", "m-1", at(10, 30)),
+    monitor("blink", "m-1", at(10, 30), created=False),
+    monitor("edge", "m-1", at(10, 0)),
+    monitor("edge", "m-1", at(10, 0), created=False),
+    monitor("late", "m-1", at(9, 0)),
+    monitor("late", "m-1", at(11, 0), created=False),
+    monitor("late", "m-1", at(11, 0)),  # created again at the instant of its deletion
+    role("roles-only", "r", EARLY),
+]
+EXPECTED_SCENARIOS = {**SCENARIOS, "same_instant": SAME_INSTANT, "rich": RICH}
+CONTIGUOUS = [at(h) for h in range(6, 14)]
+SCATTERED = [at(7), at(9), at(10), at(12)]
+
+
+@pytest.mark.parametrize("hours", [CONTIGUOUS, SCATTERED], ids=["contiguous", "scattered"])
+@pytest.mark.parametrize("scenario", list(EXPECTED_SCENARIOS))
+def test_expected_tenant_hours_are_the_rows_the_snapshot_writes(
+        engine: Engine, scenario: str, hours: list[datetime]) -> None:
+    """The completeness count, from its own statement, agrees with the snapshot on every rule
+    (every boundary case of the table above), hour by hour and for the hours together."""
+    record(engine, EXPECTED_SCENARIOS[scenario])
+    with engine.begin() as conn:
+        per_hour = [expected_tenant_hours(conn, [h]) for h in hours]
+        together = expected_tenant_hours(conn, hours)
+        snapshot_hours(conn, hours, limits=MetricLimits(), run_id="r", snapshotted_at=STAMP)
+        written = tenant_hours(conn, hours)
+        rows = [len(snapshot_rows(conn, h)) for h in hours]
+    assert per_hour == rows
+    assert together == sum(rows) == len(written)
+
+
+def test_expected_tenant_hours_of_the_same_instant_cases(engine: Engine) -> None:
+    record(engine, SAME_INSTANT)
+    with engine.connect() as conn:
+        assert [expected_tenant_hours(conn, [at(h)]) for h in (9, 10, 11, 12)] == [
+            1,  # late
+            2,  # blink (created in the hour), late; not edge (deleted at the hour's start)
+            0,  # late deleted and created again at 11:00 sharp: the deletion wins
+            0,
+        ]
+        assert expected_tenant_hours(conn, []) == 0
+
+
+def test_tenant_hours_reads_back_the_rows_with_their_keys(engine: Engine) -> None:
+    record(engine, [*PATTERN_B, *IDLE[:2], *USAGE_NO_PLAN[:3]])
+    with engine.begin() as conn:
+        snapshot_hours(conn, [at(10), at(9)], limits=MetricLimits(), run_id="r",
+                       snapshotted_at=STAMP)
+        rows = tenant_hours(conn, [at(9), at(10)])
+    assert rows == [
+        TenantHour("acme", at(9), STD, 0, 0, 0, 0, 0, 30),
+        TenantHour("busy", at(9), "trial", 0, 0, 0, 0, 0, 0),
+        TenantHour("idle", at(9), STD, 0, 0, 0, 0, 0, 0),
+        TenantHour("acme", at(10), STD, 2, 2, 401 + 180 + 50 + 20, 201 + 20, 240, 30),
+        TenantHour("anon", at(10), None, 1, 1, 5, 0, 1, 0),
+        TenantHour("busy", at(10), "trial", 0, 0, 0, 0, 0, 0),
+        TenantHour("idle", at(10), STD, 0, 0, 0, 0, 0, 0),
+    ]
+    assert all(r.hour.utcoffset() == timedelta(0) for r in rows)
 
 
 # --- gaps versus zero usage -------------------------------------------------------------------
