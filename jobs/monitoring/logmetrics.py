@@ -69,6 +69,7 @@ from jobs.monitoring.tenants import (
     FLEET_METRICS,
     TenantEvents,
     latest_hour,
+    log_raised,
     recent_flags,
 )
 from jobs.monitoring.tenants import growth as tenant_growth
@@ -514,6 +515,7 @@ def aggregate(engine: Engine, paths: Sequence[Path], *, now: datetime,
                  "value": Decimal(count)} for job, count in sorted(overdue.items())],
                 key=["name", "bucket", "job", "status"], update=["value"])
         tenant_hours = items.finish()
+    log_raised(items.raised)
     log.info("job_logs_aggregated", files=len(files), log_groups=len(batches),
              log_events=events, lines=total_lines, runs=total_runs, malformed=total_malformed,
              metrics=stored, tenant_items=items.events, tenant_hours=tenant_hours)

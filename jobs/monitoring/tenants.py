@@ -45,7 +45,7 @@ from jobs.monitoring.store import job_metrics, tenant_flags, tenant_series
 from metering.db import bulk_insert, upsert
 from metering.errors import ConfigError
 
-__all__ = ["FLEET_METRICS", "NOISY", "SERIES", "NoisyRule", "TenantEvents"]
+__all__ = ["FLEET_METRICS", "NOISY", "SERIES", "NoisyRule", "TenantEvents", "log_raised"]
 
 SERIES = ("hosts", "metrics", "posts")
 FLEET_METRICS = {s: f"hostmeter.fleet.{s}" for s in SERIES}
@@ -135,6 +135,8 @@ class TenantEvents:
         self.events = 0
         self.ignored = 0
         self.refreshed = 0
+        self.raised: list[dict[str, Any]] = []
+        """Flags this pass raised (not already standing): logged once it has committed."""
 
     def feed(self, event: str, raw: bytes | str) -> None:
         """One line whose ``event`` is in :data:`EVENTS` (a line without the fields is ignored
@@ -286,6 +288,7 @@ class TenantEvents:
         rows = list(flags.values())
         for i in range(0, len(rows), _CHUNK):
             self.conn.execute(sa.insert(f), rows[i:i + _CHUNK])
+        self.raised.extend(r for k, r in flags.items() if k not in existing)
 
 
 _stage = sa.Table(
@@ -368,3 +371,16 @@ def recent_flags(conn: Connection, *, since: datetime, limit: int
     total = int(conn.execute(sa.select(sa.func.count()).select_from(f).where(recent))
                 .scalar_one())
     return rows, total
+
+
+def log_raised(raised: list[dict[str, Any]]) -> None:
+    """One ``noisy_neighbour`` warning per flag a committed pass raised (a flag that already
+    stood, or a pass that rolled back, logs nothing): tenant, series, hour, value, median and
+    their ratio."""
+    import structlog
+
+    log = structlog.get_logger("hostmeter.metrics")
+    for r in raised:
+        log.warning("noisy_neighbour", tenant=r["tenant"], series=r["series"],
+                    hour=r["hour"].isoformat().replace("+00:00", "Z"), value=r["value"],
+                    median=str(r["median"]), ratio=str(round(r["value"] / r["median"], 2)))

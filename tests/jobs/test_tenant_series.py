@@ -224,3 +224,26 @@ def test_a_long_pass_refreshes_as_it_goes_with_the_same_result(
     hosts = fleet(engine, tn.FLEET_METRICS["hosts"])
     assert len(hosts) == 25 and hosts["2026-11-02T00:00:00Z"] == 41
     assert set(hosts.values()) == {Decimal(20), Decimal(41)}
+
+
+def test_a_raised_flag_is_logged_once_after_the_commit(
+        engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs.runtime.logconfig import configure_logging
+
+    configure_logging(None, stream=None)
+    log = tmp_path / "hostmeter.jsonl"
+    jump = H0 + timedelta(hours=24)
+    log.write_text(_steady("noisy", 24, 10) + tenant_hour("noisy", jump, 30, 0, 1000))
+    path = configure_logging(str(tmp_path / "out"))
+    lm.aggregate(engine, [log], now=NOW)
+    lm.aggregate(engine, [log], now=NOW)  # nothing new: the standing flag is not logged again
+    with log.open("a") as f:  # re-snapshotted, still noisy: still standing, not raised again
+        f.write(tenant_hour("noisy", jump, 31, 0, 1000, logged=jump + timedelta(hours=2)))
+    lm.aggregate(engine, [log], now=NOW)
+    configure_logging(None, stream=None)
+    assert path is not None
+    raised = [json.loads(line) for line in path.read_text().splitlines()
+              if '"noisy_neighbour"' in line]
+    assert [(e["tenant"], e["series"], e["hour"], e["value"], Decimal(e["median"]),
+             Decimal(e["ratio"])) for e in raised] == [
+        ("noisy", "hosts", "2026-11-02T00:00:00Z", 30, 10, 3)]
