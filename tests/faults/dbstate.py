@@ -10,6 +10,8 @@ clock, but the billing data may not differ. The run ledger and the billing audit
 
 from __future__ import annotations
 
+import fcntl
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,7 +23,7 @@ import jobs.runtime.ledger  # noqa: F401  (registers the run ledger)
 from metering import models as m
 from metering.db import metadata
 
-__all__ = ["ATTEMPT_TABLES", "VOLATILE", "canonical", "held_advisory_locks"]
+__all__ = ["ATTEMPT_TABLES", "VOLATILE", "canonical", "held_advisory_locks", "sqlite_locks_free"]
 
 ATTEMPT_TABLES = frozenset({"job_runs", "billing_runs", "alembic_version"})
 """Tables of attempts (compared by the tests on their own terms), not of data."""
@@ -104,3 +106,20 @@ def held_advisory_locks(engine: Engine) -> int:
             "AND l.pid <> pg_backend_pid() AND l.granted")).scalar_one()
         conn.rollback()
     return int(n)
+
+
+def sqlite_locks_free(url: str) -> bool:
+    """No process holds any of the job-lock files of the SQLite database at ``url`` (a killed
+    job's locks are released with its process)."""
+    path = sa.engine.make_url(url).database
+    folder = Path(f"{path}.locks") if path else None
+    if folder is None or not folder.exists():
+        return True
+    for lock in folder.iterdir():
+        with lock.open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return True

@@ -32,7 +32,6 @@ reference's check.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -49,7 +48,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from dbstate import canonical, held_advisory_locks
+from dbstate import canonical, held_advisory_locks, sqlite_locks_free
 from redisservers import RedisServer
 from sqlalchemy.engine import Engine
 
@@ -213,21 +212,6 @@ def _hour_keys(store: dict[bytes, Any]) -> dict[int, int]:
             hour = int(key.rsplit(b":", 1)[1])
             out[hour] = out.get(hour, 0) + 1
     return out
-
-
-def _sqlite_locks_free(url: str) -> bool:
-    path = sa.engine.make_url(url).database
-    folder = Path(f"{path}.locks") if path else None
-    if folder is None or not folder.exists():
-        return True
-    for lock in folder.iterdir():
-        with lock.open("a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            fcntl.flock(f, fcntl.LOCK_UN)
-    return True
 
 
 def _by_tenant(usage: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -409,7 +393,7 @@ def test_sigkill_of_flush_usage_leaves_database_and_redis_as_an_uninterrupted_ru
     assert statuses.count("failed") == kills.in_job  # each row a kill left, found abandoned
     assert held_advisory_locks(engine) == 0
     if backend == "sqlite":
-        assert _sqlite_locks_free(db_url)
+        assert sqlite_locks_free(db_url)
     same_ordinals = all(got_all[t] == expected_all[t] for t in USAGE_TABLES)
     print(f"flush-usage [{backend}]: {kills.landed} kills ({kills.in_job} inside the job, "
           f"{kills.after_commit} after a commit, {kills.after_release} after a release), "

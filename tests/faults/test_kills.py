@@ -17,7 +17,6 @@ kills land during imports, during the work and between transactions.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from dbstate import canonical, held_advisory_locks
+from dbstate import canonical, held_advisory_locks, sqlite_locks_free
 from sqlalchemy.engine import Engine
 from workload import PERIOD, write_usage
 
@@ -140,21 +139,6 @@ def reference_url(empty_db_url: str) -> str:
     return empty_db_url
 
 
-def _sqlite_locks_free(url: str) -> bool:
-    path = sa.engine.make_url(url).database
-    folder = Path(f"{path}.locks") if path else None
-    if folder is None or not folder.exists():
-        return True
-    for lock in folder.iterdir():
-        with lock.open("a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            fcntl.flock(f, fcntl.LOCK_UN)
-    return True
-
-
 def _kill_repeatedly(box: Box, command: list[str], rng: random.Random, typical_s: float,
                      ) -> tuple[int, int]:
     """SIGKILL the command at random moments until :data:`KILLS` kills landed on a live
@@ -208,6 +192,6 @@ def test_sigkill_at_random_moments_leaves_the_database_as_an_uninterrupted_run(
     assert "running" not in statuses
     assert held_advisory_locks(engine) == 0
     if engine.dialect.name == "sqlite":
-        assert _sqlite_locks_free(db_url)
+        assert sqlite_locks_free(db_url)
     print(f"{scenario.name} [{engine.dialect.name}]: {kills} kills, {finished} finished first, "
           f"reference {typical:.2f}s, {sum(len(v) for v in expected.values())} rows equal")

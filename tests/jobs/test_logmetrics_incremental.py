@@ -137,15 +137,11 @@ def test_a_file_is_read_in_blocks_with_the_same_result(
     assert total == 120
 
 
-def test_two_passes_at_once_count_every_line_once(engine: Engine, db_url: str,
-                                                  tmp_path: Path) -> None:
-    """Two passes started together over the same new lines: runs and malformed lines are
-    counted once between them (the malformed counter is a sum, so a line read by both passes
-    would count twice)."""
-    log = tmp_path / "hostmeter.jsonl"
-    log.write_text("".join(history(400, seed=5)))
-    engines = [db.create_engine(db_url) for _ in range(2)]
-    barrier = threading.Barrier(2)
+def passes_at_once(db_url: str, log: Path, count: int = 2) -> list[lm.AggregateResult]:
+    """``count`` log passes over ``log`` started together (threads, an engine each); their
+    results, after every one has ended without an error."""
+    engines = [db.create_engine(db_url) for _ in range(count)]
+    barrier = threading.Barrier(count)
     results: list[lm.AggregateResult] = []
     errors: list[BaseException] = []
 
@@ -164,6 +160,18 @@ def test_two_passes_at_once_count_every_line_once(engine: Engine, db_url: str,
     for e in engines:
         e.dispose()
     assert not errors, errors
+    assert len(results) == count
+    return results
+
+
+def test_two_passes_at_once_count_every_line_once(engine: Engine, db_url: str,
+                                                  tmp_path: Path) -> None:
+    """Two passes started together over the same new lines: runs and malformed lines are
+    counted once between them (the malformed counter is a sum, so a line read by both passes
+    would count twice)."""
+    log = tmp_path / "hostmeter.jsonl"
+    log.write_text("".join(history(400, seed=5)))
+    results = passes_at_once(db_url, log)
     assert sorted(r.runs for r in results) == [0, 400]
     assert sorted(r.malformed for r in results) == [0, 8]
     with engine.connect() as conn:

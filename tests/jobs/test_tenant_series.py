@@ -6,20 +6,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from test_logmetrics_incremental import passes_at_once
 
 from jobs.monitoring import logmetrics as lm
 from jobs.monitoring import tenants as tn
 from jobs.monitoring.store import job_metrics, tenant_flags, tenant_series
-from metering import db
 
 H0 = datetime(2026, 11, 1, 0, 0, tzinfo=UTC)
 NOW = datetime(2026, 11, 3, 0, 7, tzinfo=UTC)
@@ -186,25 +184,7 @@ def test_two_passes_at_once_sum_posts_once(engine: Engine, db_url: str, tmp_path
     log = tmp_path / "hostmeter.jsonl"
     log.write_text("".join(ingested(f"t{i % 40}", H0 + timedelta(minutes=i % 60), 1)
                            for i in range(2000)))
-    engines = [db.create_engine(db_url) for _ in range(2)]
-    barrier = threading.Barrier(2)
-    errors: list[BaseException] = []
-
-    def one(e: Engine) -> None:
-        try:
-            barrier.wait()
-            lm.aggregate(e, [log], now=NOW)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads: list[Any] = [threading.Thread(target=one, args=(e,)) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for e in engines:
-        e.dispose()
-    assert not errors, errors
+    passes_at_once(db_url, log)
     assert sum(series(engine, "posts").values()) == 2000
 
 
@@ -226,21 +206,21 @@ def test_a_long_pass_refreshes_as_it_goes_with_the_same_result(
     assert set(hosts.values()) == {Decimal(20), Decimal(41)}
 
 
-def test_a_raised_flag_is_logged_once_after_the_commit(
-        engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_raised_flag_is_logged_once_after_the_commit(engine: Engine, tmp_path: Path) -> None:
+    import io
+
     from jobs.runtime.logconfig import configure_logging
 
-    configure_logging(None, stream=None)
     log = tmp_path / "hostmeter.jsonl"
     jump = H0 + timedelta(hours=24)
     log.write_text(_steady("noisy", 24, 10) + tenant_hour("noisy", jump, 30, 0, 1000))
-    path = configure_logging(str(tmp_path / "out"))
+    path = configure_logging(str(tmp_path / "out"), stream=io.StringIO())
     lm.aggregate(engine, [log], now=NOW)
     lm.aggregate(engine, [log], now=NOW)  # nothing new: the standing flag is not logged again
     with log.open("a") as f:  # re-snapshotted, still noisy: still standing, not raised again
         f.write(tenant_hour("noisy", jump, 31, 0, 1000, logged=jump + timedelta(hours=2)))
     lm.aggregate(engine, [log], now=NOW)
-    configure_logging(None, stream=None)
+    configure_logging(None, stream=io.StringIO())
     assert path is not None
     raised = [json.loads(line) for line in path.read_text().splitlines()
               if '"noisy_neighbour"' in line]
