@@ -27,7 +27,14 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from metering.hotpath import KEY_PREFIX, HotPathUnavailable, pipelined, value_bits
+from metering.hotpath import (
+    KEY_PREFIX,
+    HotPathUnavailable,
+    pipelined,
+    redis_down,
+    tenant_key,
+    value_bits,
+)
 from metering.ingest import BitmapSink, merge_bitmaps, service_metric_key
 from metering.records import checked_metric, checked_text
 
@@ -89,7 +96,6 @@ def _primaries(client: Any) -> list[Any]:
 
 def held_hours(client: Any) -> dict[str, set[int]]:
     """Every tenant-hour Redis holds: tenant → epoch hours (one ``SCAN`` pass per primary)."""
-    import redis
 
     held: dict[str, set[int]] = {}
     try:
@@ -100,7 +106,7 @@ def held_hours(client: Any) -> dict[str, set[int]]:
                 if not sep or not hour.isdigit() or not head.startswith(KEY_PREFIX + "{"):
                     continue
                 held.setdefault(head[len(KEY_PREFIX) + 1:], set()).add(int(hour))
-    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+    except redis_down() as exc:
         raise HotPathUnavailable(f"Redis did not answer: {exc}") from None
     return held
 
@@ -120,8 +126,9 @@ def _groups(held: dict[str, set[int]]) -> Iterator[list[tuple[str, int]]]:
 
 
 def _keys(tenant: str, hour: int) -> list[str]:
-    tag = f"{KEY_PREFIX}{{{tenant}}}"
-    return [f"{tag}{_POSTS}{hour}", f"{tag}:host:{hour}", f"{tag}:service:{hour}"]
+    """``read_hour.lua``'s and ``release_hour.lua``'s keys of a tenant-hour."""
+    return [tenant_key(tenant, f"posts:{hour}"), tenant_key(tenant, f"host:{hour}"),
+            tenant_key(tenant, f"service:{hour}")]
 
 
 def _pairs(flat: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
@@ -179,7 +186,6 @@ def flush_usage(
     """Move the tenant-hours Redis holds (only ``hours``, if given) into the database; delete
     from Redis those before ``release_before`` once committed (``None``: delete nothing).
     ``on_progress(done, total)`` hears of each group of tenant-hours merged."""
-    import redis
 
     only = None if hours is None else {int(h.timestamp()) // 3600 for h in hours}
     held = held_hours(client)
@@ -196,11 +202,10 @@ def flush_usage(
             tenants = sorted({t for t, _ in group})
             with client.pipeline(transaction=False) as pipe:
                 for tenant in tenants:
-                    tag = f"{KEY_PREFIX}{{{tenant}}}"
-                    pipe.hgetall(f"{tag}:dict:host")
-                    pipe.hgetall(f"{tag}:dict:service")
+                    pipe.hgetall(tenant_key(tenant, "dict:host"))
+                    pipe.hgetall(tenant_key(tenant, "dict:service"))
                 dicts = pipe.execute()
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        except redis_down() as exc:
             raise HotPathUnavailable(f"Redis did not answer the flush: {exc}") from None
         dictionaries = {
             t: ({int(v): _text(k) for k, v in dicts[2 * i].items()},
@@ -280,7 +285,7 @@ def flush_usage(
             try:
                 gone = pipelined(client, "release_hour",
                                  [(_keys(t, h), (posts,)) for (t, h), posts in releasable])
-            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            except redis_down() as exc:
                 raise HotPathUnavailable(
                     f"Redis did not answer the flush after the commit (the hours are in the "
                     f"database; the next flush merges them again, adding nothing): {exc}"

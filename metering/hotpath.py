@@ -63,7 +63,10 @@ __all__ = [
     "epoch_hour",
     "hour_keys",
     "pipelined",
+    "redis_down",
     "script",
+    "shown_url",
+    "tenant_key",
     "value_bits",
 ]
 
@@ -110,6 +113,12 @@ def value_bits(value: bytes) -> int:
     return bits
 
 
+def tenant_key(tenant: str, rest: str) -> str:
+    """``hm:{tenant}:rest``: a key of the tenant (the one place that spells the layout; the
+    tenant is not checked: the flush and the status command name tenants Redis already holds)."""
+    return f"{KEY_PREFIX}{{{tenant}}}:{rest}"
+
+
 def tenant_tag(tenant: str) -> str:
     """``hm:{tenant}``: the prefix of every key of a tenant (checked: no braces)."""
     if "{" in tenant or "}" in tenant or not checked_text("tenant", tenant):
@@ -118,6 +127,24 @@ def tenant_tag(tenant: str) -> str:
             "bytes without NUL, '{' or '}'); record it with hostmeter ingest"
         )
     return f"{KEY_PREFIX}{{{tenant}}}"
+
+
+def shown_url(url: str) -> str:
+    """A Redis URL as errors and reports print it: scheme, host, port and database, never the
+    user or the password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def redis_down() -> tuple[type[Exception], ...]:
+    """The redis-py exceptions that mean Redis did not do what was asked (a cluster's
+    ``RedisClusterException``, e.g. no node answering, is not a ``RedisError``)."""
+    import redis
+
+    return (redis.RedisError, redis.exceptions.RedisClusterException)
 
 
 def epoch_hour(at: datetime) -> int:
@@ -132,8 +159,9 @@ def epoch_hour(at: datetime) -> int:
 
 def hour_keys(tenant: str, namespace: str, hour: int) -> tuple[str, str, str]:
     """``record.lua``'s three keys for a post of ``namespace`` (``host``/``service``)."""
-    tag = tenant_tag(tenant)
-    return (f"{tag}:dict:{namespace}", f"{tag}:{namespace}:{hour}", f"{tag}:posts:{hour}")
+    tenant_tag(tenant)  # checked
+    return (tenant_key(tenant, f"dict:{namespace}"), tenant_key(tenant, f"{namespace}:{hour}"),
+            tenant_key(tenant, f"posts:{hour}"))
 
 
 def connect(url: str, *, cluster: bool = False, timeout: float = DEFAULT_TIMEOUT,
@@ -168,10 +196,8 @@ def connect(url: str, *, cluster: bool = False, timeout: float = DEFAULT_TIMEOUT
     except ValueError as exc:
         raise ConfigError(f"HOSTMETER_REDIS_URL is not a Redis URL: {exc}",
                           setting="HOSTMETER_REDIS_URL") from None
-    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-        # RedisCluster raises RedisClusterUnreachableError, not a RedisError, when no node of
-        # the URL answers while it reads the slot map
-        raise HotPathUnavailable(f"Redis at {_safe_url(url)} did not answer: {exc}") from None
+    except redis_down() as exc:
+        raise HotPathUnavailable(f"Redis at {shown_url(url)} did not answer: {exc}") from None
 
 
 class _ArgumentPacker:
@@ -252,16 +278,6 @@ def pipelined(client: Any, name: str, calls: Sequence[tuple[Sequence[str], Seque
                 raise
             client.script_load(script(name))
     raise AssertionError("unreachable")
-
-
-def _safe_url(url: str) -> str:
-    """``url`` without its password (it is printed in errors and logs)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 class _Spool:
@@ -374,7 +390,7 @@ class PostRecorder:
 
         if isinstance(exc, redis.ResponseError) and "hostmeter:" in str(exc):
             raise HotPathRejected(str(exc)) from None  # the script refused the values
-        if not isinstance(exc, redis.RedisError | redis.exceptions.RedisClusterException):
+        if not isinstance(exc, redis_down()):
             raise exc  # not Redis failing: a bug to see, not a post to spool
         if self.spool is None:
             raise HotPathUnavailable(f"Redis did not take the post: {exc}") from None

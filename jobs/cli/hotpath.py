@@ -60,14 +60,13 @@ def script_cmd(name: str, sha: bool, show_path: bool) -> None:
 def status_cmd(fmt: str) -> None:
     """What Redis holds: tenant-hours and posts per UTC hour, and its memory."""
     from metering.flush import FLUSH_TIMEOUT, held_hours
-    from metering.hotpath import HotPathUnavailable, connect_settings
+    from metering.hotpath import HotPathUnavailable, connect_settings, redis_down, tenant_key
 
     settings = current_state().settings
     client = connect_settings(settings, timeout=FLUSH_TIMEOUT)
     if client is None:
         raise CliError("HOSTMETER_REDIS_URL is not set: there is no hot path to show",
                        EXIT_BAD_INPUT)
-    import redis
 
     try:
         held = held_hours(client)
@@ -76,7 +75,7 @@ def status_cmd(fmt: str) -> None:
         tenants: dict[int, int] = {}
         with client.pipeline(transaction=False) as pipe:
             for tenant, hour in pairs:
-                pipe.get(f"hm:{{{tenant}}}:posts:{hour}")
+                pipe.get(tenant_key(tenant, f"posts:{hour}"))
             values = pipe.execute() if pairs else []
         for (_, hour), value in zip(pairs, values, strict=True):
             posts[hour] = posts.get(hour, 0) + int(value or 0)
@@ -86,7 +85,7 @@ def status_cmd(fmt: str) -> None:
         for node in nodes:
             conn = client if node is None else client.get_redis_connection(node)
             used += int(conn.info("memory")["used_memory"])
-    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+    except redis_down() as exc:
         raise HotPathUnavailable(f"Redis did not answer: {exc}") from None
     finally:
         client.close()

@@ -58,7 +58,14 @@ from jobs.synthetic.bench.checks import Check, hot_path_checks
 from jobs.synthetic.bench.posts import Agent, agents, posted_names
 from jobs.synthetic.bench.tiers import BenchTier, Progress, no_progress
 from metering.db import UTCDateTime
-from metering.hotpath import PIPELINE_CHUNK, PostRecorder, connect, hour_keys, value_bits
+from metering.hotpath import (
+    PIPELINE_CHUNK,
+    PostRecorder,
+    connect,
+    hour_keys,
+    shown_url,
+    value_bits,
+)
 from metering.ingest import UsageRecorder
 from metering.records import HostPost
 from metering.timeutil import HOUR
@@ -182,12 +189,12 @@ def bench_redis(url: str | None, *, cluster: bool = False) -> Iterator[_Target]:
     try:
         keys = int(client.dbsize())
     except Exception as exc:
-        raise _Skipped(f"Redis at {_safe_url(url)} did not answer: {exc}") from None
+        raise _Skipped(f"Redis at {shown_url(url)} did not answer: {exc}") from None
     finally:
         client.close()
     if keys:
         raise _Skipped(
-            f"refusing to write into Redis at {_safe_url(url)}: it holds {keys} key(s), and "
+            f"refusing to write into Redis at {shown_url(url)}: it holds {keys} key(s), and "
             "the hot path's keys are fixed (hm:{tenant}:…); point --redis-url at an empty "
             "Redis, or unset it to let bench start a private redis-server")
     try:
@@ -203,15 +210,6 @@ def _client(url: str, *, cluster: bool, timeout: float) -> Any:
         return connect(url, cluster=cluster, timeout=timeout)
     except MeteringError as exc:  # a bad URL, or a cluster that does not answer
         raise _Skipped(str(exc)) from None
-
-
-def _safe_url(url: str) -> str:
-    """``url`` without its password (it is printed)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 def _delete_bench_keys(url: str, cluster: bool) -> int:
@@ -549,7 +547,7 @@ def _measure(engine: Engine, tier: BenchTier, hour: datetime, target: _Target,
     finally:
         recorder.close()
     timing = HotPathTiming(
-        redis_url=_safe_url(target.url), private=target.private, redis_version=version,
+        redis_url=shown_url(target.url), private=target.private, redis_version=version,
         hiredis=bool(HIREDIS_AVAILABLE), hour=hour, tenants=len(tenants), hosts=len(fleet),
         names_per_post=names, direct=direct, pipelined=pipelined, single=single,
         pipelined_floor=pipelined_floor, single_floor=single_floor,
