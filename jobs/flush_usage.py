@@ -13,19 +13,17 @@ before the database has committed it.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
 import structlog
 
 from jobs.runtime.context import JobContext
-from metering.flush import FLUSH_TIMEOUT, flush_usage
-from metering.hotpath import connect_settings
+from metering.flush import flush_configured
 from metering.snapshot import DEFAULT_LOOKBACK
 from metering.timeutil import HOUR, floor_hour
 
-__all__ = ["FLUSH_TIMEOUT", "flush_hot_path", "release_before", "run"]
+__all__ = ["release_before", "run"]
 
 def release_before(logical_time: datetime, lookback: int = DEFAULT_LOOKBACK) -> datetime:
     """Tenant-hours before this instant may leave Redis once they are in the database: the last
@@ -33,27 +31,14 @@ def release_before(logical_time: datetime, lookback: int = DEFAULT_LOOKBACK) -> 
     return floor_hour(logical_time) - (lookback + 1) * HOUR
 
 
-def flush_hot_path(ctx: JobContext, *, release: datetime | None,
-                   hours: Collection[datetime] | None = None) -> dict[str, Any] | None:
-    """Flush (``hours`` only, if given); ``None`` when there is no hot path."""
-    client = connect_settings(ctx.settings, timeout=FLUSH_TIMEOUT)
-    if client is None:
-        return None
-    try:
-        summary = flush_usage(ctx.engine, client, release_before=release, hours=hours,
-                              on_progress=ctx.progress)
-    finally:
-        client.close()
+def run(ctx: JobContext, logical_time: datetime) -> dict[str, Any]:
     log = structlog.get_logger("hostmeter.flush")
+    summary = flush_configured(ctx.engine, ctx.settings,
+                               release_before=release_before(logical_time),
+                               on_progress=ctx.progress)
+    if summary is None:
+        log.info("hot_path_not_configured", reason="HOSTMETER_REDIS_URL is not set")
+        return {"tenant_hours": 0, "hot_path": "not configured"}
     for problem in summary.problems:
         log.warning("hot_path_value_skipped", problem=problem)
     return summary.as_dict()
-
-
-def run(ctx: JobContext, logical_time: datetime) -> dict[str, Any]:
-    counts = flush_hot_path(ctx, release=release_before(logical_time))
-    if counts is None:
-        structlog.get_logger("hostmeter.flush").info(
-            "hot_path_not_configured", reason="HOSTMETER_REDIS_URL is not set")
-        return {"tenant_hours": 0, "hot_path": "not configured"}
-    return counts

@@ -46,8 +46,7 @@ from billing.catalog import catalog_for
 from billing.service import limits_for
 from jobs.runtime.context import JobContext
 from jobs.runtime.logconfig import item_events
-from metering.flush import FLUSH_TIMEOUT, flush_usage
-from metering.hotpath import connect_settings
+from metering.flush import flush_configured
 from metering.partitions import (
     JOB_LOCK_TIMEOUT,
     PARTITIONED,
@@ -125,13 +124,11 @@ def _flush_first(ctx: JobContext, hours: Sequence[datetime]) -> int | None:
     through its look-back, and the run ledger shows the failed one. Nothing is deleted from
     Redis here: that is ``flush-usage``'s, after the look-back.
     """
-    client = connect_settings(ctx.settings, timeout=FLUSH_TIMEOUT)
-    if client is None or not hours:
+    if not hours:
         return None
-    try:
-        summary = flush_usage(ctx.engine, client, release_before=None, hours=hours)
-    finally:
-        client.close()
+    summary = flush_configured(ctx.engine, ctx.settings, release_before=None, hours=hours)
+    if summary is None:
+        return None
     log = structlog.get_logger("hostmeter.snapshot")
     for problem in summary.problems:
         log.warning("hot_path_value_skipped", problem=problem)

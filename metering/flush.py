@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from metering.hotpath import (
     KEY_PREFIX,
     HotPathUnavailable,
+    connect_settings,
     pipelined,
     redis_down,
     tenant_key,
@@ -37,8 +38,9 @@ from metering.hotpath import (
 )
 from metering.ingest import BitmapSink, merge_bitmaps, service_metric_key
 from metering.records import checked_metric, checked_text
+from metering.settings import Settings
 
-__all__ = ["FlushSummary", "flush_usage", "held_hours"]
+__all__ = ["FlushSummary", "flush_configured", "flush_usage", "held_hours"]
 
 GROUP_TENANTS = 400
 """Tenants merged per database transaction (below ingest's per-tenant lock limit, so a flush
@@ -79,6 +81,13 @@ class FlushSummary:
             "posts": self.posts, "rows_written": self.rows_written,
             "released": self.released, "kept": self.kept, "skipped": self.skipped,
         }
+
+    def add(self, other: FlushSummary) -> None:
+        """Count ``other`` (one group's) in with this one."""
+        for name in ("tenant_hours", "host_hours", "service_hours", "metric_bits", "posts",
+                     "rows_written", "released", "kept", "skipped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.problems.extend(other.problems[:KEEP_PROBLEMS - len(self.problems)])
 
     def problem(self, text: str) -> None:
         self.skipped += 1
@@ -175,6 +184,42 @@ class _Translation:
         return bits
 
 
+def _fields(flat: list[bytes], field: str, translation: _Translation, part: FlushSummary,
+            tenant: str) -> Iterator[tuple[str, bytes, int]]:
+    """The (name, value, database bits) of an hour hash's fields (hosts, or services: a
+    service's metrics are named by it), skipping and reporting a name ingest would refuse or a
+    malformed value."""
+    for raw, value in _pairs(flat):
+        name = _text(raw)
+        if name is None or not checked_text(field, name) or not value:
+            part.problem(f"tenant {tenant!r}: {field} {raw!r} is not one ingest accepts; "
+                         "skipped")
+            continue
+        try:
+            bits = translation.bits(value, name if field == "service" else "")
+        except ValueError as exc:
+            part.problem(f"tenant {tenant!r}: {field} {name!r} has a malformed value ({exc}); "
+                         "skipped")
+            continue
+        yield name, value, bits
+
+
+def flush_configured(engine: Engine, settings: Settings, *, release_before: datetime | None,
+                     hours: Collection[datetime] | None = None,
+                     on_progress: Callable[[int, int], None] | None = None,
+                     ) -> FlushSummary | None:
+    """:func:`flush_usage` against ``HOSTMETER_REDIS_URL`` (a client with the flush's timeout,
+    closed after), or ``None`` when no hot path is configured."""
+    client = connect_settings(settings, timeout=FLUSH_TIMEOUT)
+    if client is None:
+        return None
+    try:
+        return flush_usage(engine, client, release_before=release_before, hours=hours,
+                           on_progress=on_progress)
+    finally:
+        client.close()
+
+
 def flush_usage(
     engine: Engine,
     client: Any,
@@ -238,45 +283,21 @@ def flush_usage(
                 at = datetime.fromtimestamp(hour * 3600, UTC)
                 part.tenant_hours += 1
                 part.posts += int(posts)
-                for raw_host, value in _pairs(host_flat):
-                    host = _text(raw_host)
-                    if host is None or not checked_text("host", host) or not value:
-                        part.problem(f"tenant {tenant!r}: host {raw_host!r} is not one ingest "
-                                     "accepts; skipped")
-                        continue
-                    try:
-                        bits = host_tr.bits(value)
-                    except ValueError as exc:
-                        part.problem(f"tenant {tenant!r}: host {host!r} has a malformed value "
-                                     f"({exc}); skipped")
-                        continue
+                for host, value, bits in _fields(host_flat, "host", host_tr, part, tenant):
                     if bits:
                         sink.add_host(host_tr.tenant_id, host, at, bool(value[0] & 1), bits)
                         part.host_hours += 1
                         part.metric_bits += bits.bit_count()
                 service_bits = 0
-                for raw_service, value in _pairs(service_flat):
-                    service = _text(raw_service)
-                    if service is None or not checked_text("service", service) or not value:
-                        part.problem(f"tenant {tenant!r}: service {raw_service!r} is not one "
-                                     "ingest accepts; skipped")
-                        continue
-                    try:
-                        service_bits |= service_tr.bits(value, service)
-                    except ValueError as exc:
-                        part.problem(f"tenant {tenant!r}: service {service!r} has a malformed "
-                                     f"value ({exc}); skipped")
+                for _, _, bits in _fields(service_flat, "service", service_tr, part, tenant):
+                    service_bits |= bits
                 if service_bits:
                     sink.add_service(service_tr.tenant_id, at, service_bits)
                     part.service_hours += 1
                     part.metric_bits += service_bits.bit_count()
 
-        ingest_summary = merge_bitmaps(engine, work)
-        for name in ("tenant_hours", "host_hours", "service_hours", "metric_bits", "posts",
-                     "skipped"):
-            setattr(summary, name, getattr(summary, name) + getattr(part, name))
-        summary.problems.extend(part.problems[:KEEP_PROBLEMS - len(summary.problems)])
-        summary.rows_written += ingest_summary.written_rows
+        part.rows_written = merge_bitmaps(engine, work).written_rows
+        summary.add(part)
         # Committed: forget the old hours whose counter has not moved since they were read.
         releasable = [(key, reply[0]) for key, reply in zip(group, replies, strict=True)
                       if release_hour is not None and key[1] < release_hour]
