@@ -69,6 +69,7 @@ from jobs.monitoring.tenants import (
     FLEET_METRICS,
     TenantEvents,
     latest_hour,
+    log_instant,
     log_raised,
     recent_flags,
 )
@@ -169,18 +170,8 @@ def _floor(at: datetime) -> datetime:
     return datetime.fromtimestamp(seconds - seconds % int(BUCKET.total_seconds()), UTC)
 
 
-def _instant(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def _run_row(event: dict[str, Any]) -> dict[str, Any] | None:
-    finished = _instant(event.get("timestamp"))
+    finished = log_instant(event.get("timestamp"))
     if not (event.get("event") == "job_finished" and isinstance(event.get("run_id"), str)
             and isinstance(event.get("job"), str) and finished is not None):
         return None
@@ -191,7 +182,7 @@ def _run_row(event: dict[str, Any]) -> dict[str, Any] | None:
         "job": event["job"][:64],
         "status": str(event.get("status", "unknown"))[:16],
         "finished_at": finished,
-        "logical_time": _instant(event.get("logical_time")),
+        "logical_time": log_instant(event.get("logical_time")),
         "duration_s": float(event.get("duration_s") or 0.0),
         "counts": {k: v for k, v in event.items() if k not in skip},
         "error": event.get("error"),

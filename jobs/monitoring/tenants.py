@@ -44,8 +44,10 @@ from sqlalchemy.engine import Connection
 from jobs.monitoring.store import job_metrics, tenant_flags, tenant_series
 from metering.db import bulk_insert, upsert
 from metering.errors import ConfigError
+from metering.timeutil import floor_hour
 
-__all__ = ["FLEET_METRICS", "NOISY", "SERIES", "NoisyRule", "TenantEvents", "log_raised"]
+__all__ = ["FLEET_METRICS", "NOISY", "SERIES", "NoisyRule", "TenantEvents", "log_instant",
+           "log_raised"]
 
 SERIES = ("hosts", "metrics", "posts")
 FLEET_METRICS = {s: f"hostmeter.fleet.{s}" for s in SERIES}
@@ -111,16 +113,16 @@ _decode_ingested = msgspec.json.Decoder(_TenantIngested).decode
 EVENTS = frozenset({"tenant_hour", "tenant_ingested"})
 
 
-def _instant(text: str) -> datetime | None:
+def log_instant(value: Any) -> datetime | None:
+    """An instant of a log line (``…Z`` or an offset; naive is UTC), or ``None`` if it is not
+    one: a log line's field is data, never a reason to fail."""
+    if not isinstance(value, str):
+        return None
     try:
-        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
     return at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
-
-
-def _hour(at: datetime) -> datetime:
-    return at.replace(minute=0, second=0, microsecond=0)
 
 
 class TenantEvents:
@@ -144,10 +146,10 @@ class TenantEvents:
         try:
             if event == "tenant_hour":
                 item = _decode_hour(raw)
-                at, hour = _instant(item.timestamp), _instant(item.hour)
+                at, hour = log_instant(item.timestamp), log_instant(item.hour)
                 if at is None or hour is None or not item.tenant:
                     raise ValueError
-                hour = _hour(hour)
+                hour = floor_hour(hour)
                 for series, value in (("hosts", item.std + item.micro),
                                       ("metrics", item.metrics)):
                     key = (series, hour, item.tenant[:200])
@@ -156,10 +158,10 @@ class TenantEvents:
                         self.latest[key] = (value, at)
             else:
                 ingested = _decode_ingested(raw)
-                at = _instant(ingested.timestamp)
+                at = log_instant(ingested.timestamp)
                 if at is None or not ingested.tenant:
                     raise ValueError
-                hour = _hour(at)
+                hour = floor_hour(at)
                 pk = (hour, ingested.tenant[:200])
                 self.posts[pk] = self.posts.get(pk, 0) + ingested.posts
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
