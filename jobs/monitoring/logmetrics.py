@@ -87,6 +87,7 @@ __all__ = [
     "capacity",
     "completeness",
     "dashboard_data",
+    "file_checkpoint_key",
     "growth_rankings",
     "job_statuses",
     "log_files",
@@ -155,6 +156,11 @@ def log_files(path: Path) -> list[Path]:
         return sorted(p for p in path.iterdir() if p.is_file() and ".jsonl" in p.name
                       and not p.name.endswith(_COMPRESSED))
     return [path] if path.is_file() else []
+
+
+def file_checkpoint_key(path: Path, head: str | None = None) -> str:
+    """``log_checkpoints.path`` of a log file: its first line's hash (``head``, if known)."""
+    return f"{_HEAD_KEY}{head if head is not None else _head(path)}"
 
 
 def _head(path: Path) -> str:
@@ -290,7 +296,7 @@ def _read_new_lines(conn: Connection, path: Path, now: datetime, lines: _Lines) 
     path, before this, is taken over once, if the file is still the same.)"""
     st = path.stat()
     head = _head(path)
-    key = f"{_HEAD_KEY}{head}"
+    key = file_checkpoint_key(path, head)
     cp = _checkpoint(conn, key)
     offset = 0
     if cp is not None:

@@ -175,11 +175,11 @@ def time_job_logs(directory: Path, engine: Engine, database_url: str, *, runs: i
             raise JobError(f"a pass with nothing new read {result.lines} lines")
     finally:
         with engine.begin() as conn:  # the file's checkpoint: keyed by its first line
-            from jobs.monitoring.logmetrics import _HEAD_KEY, _head
+            from jobs.monitoring.logmetrics import file_checkpoint_key
 
             if path.exists():
                 conn.execute(sa.delete(log_checkpoints).where(
-                    log_checkpoints.c.path == f"{_HEAD_KEY}{_head(path)}"))
+                    log_checkpoints.c.path == file_checkpoint_key(path)))
         clean(engine)
     return JobLogTiming(runs=runs, lines=lines, bytes=path.stat().st_size, floor_s=floor_s,
                         first_s=first_s, first_peak_rss_mib=peak, first_summary=summary,
