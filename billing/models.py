@@ -96,3 +96,7 @@ billing_runs = sa.Table(
     sa.Column("summary", sa.JSON, nullable=False),
     sa.Index("ix_billing_runs_period", "period"),
 )
+
+# The estimate, alert and webhook tables hang off the same metadata: whoever loads the billing
+# tables loads them too.
+import billing.notices  # noqa: E402, F401

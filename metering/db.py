@@ -433,7 +433,7 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
     return cfg
 
 
-HEAD_REVISION = "0011"
+HEAD_REVISION = "0012"
 """The newest migration's revision, so that a command on an up-to-date database needs no Alembic
 to know it (a test holds it equal to what Alembic finds in ``migrations/versions``)."""
 
