@@ -75,6 +75,11 @@ def _five_minute_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -
     return hour.replace(minute=at.astimezone(hour.tzinfo).minute // 5 * 5)
 
 
+def _minute_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> datetime:
+    """Every-minute jobs: the minute the trigger belongs to."""
+    return at.astimezone(floor_hour(at).tzinfo).replace(second=0, microsecond=0)
+
+
 def _day_key(at: datetime, zone: ZoneInfo, options: Mapping[str, Any]) -> datetime:
     """Daily jobs: the UTC day the trigger belongs to."""
     return floor_hour(at).replace(hour=0)
@@ -131,6 +136,26 @@ JOBS: dict[str, JobSpec] = {
             description="move the hours held in Redis (the post-time hot path) into the database",
             body="jobs.flush_usage:run",
             key_time=_five_minute_key,
+            max_runtime=timedelta(minutes=5),
+            catch_up=False,
+        ),
+        JobSpec(
+            name="estimate-usage",
+            schedule="cron(15 * * * ? *)",
+            timezone="UTC",
+            description="month-to-date estimates and projections per tenant; budget alerts",
+            body="jobs.estimate_usage:run",
+            key_time=_hour_key,
+            max_runtime=timedelta(minutes=30),
+            catch_up=False,
+        ),
+        JobSpec(
+            name="deliver-webhooks",
+            schedule="rate(1 minute)",
+            timezone="UTC",
+            description="send the outbox's events to their webhook endpoints (signed, retried)",
+            body="jobs.deliver_webhooks:run",
+            key_time=_minute_key,
             max_runtime=timedelta(minutes=5),
             catch_up=False,
         ),

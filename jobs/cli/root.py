@@ -17,6 +17,7 @@ import sys
 
 import click
 
+from jobs.cli.alerts import alerts_group
 from jobs.cli.bench import bench_command
 from jobs.cli.billing import billing_group
 from jobs.cli.demo import demo
@@ -27,6 +28,8 @@ from jobs.cli.metrics import dashboard_command, metrics_group
 from jobs.cli.retry import retry_failed_cmd
 from jobs.cli.runs import backfill, run_cmd, runs_cmd, scheduler_cmd
 from jobs.cli.state import State, current_state
+from jobs.cli.usage import usage_group
+from jobs.cli.webhooks import webhooks_group
 from metering import db
 from metering.display import one_line
 from metering.errors import ConfigError, MeteringError
@@ -140,7 +143,8 @@ def db_grant(role: str) -> None:
 
 
 for command in (ingest, run_cmd, backfill, retry_failed_cmd, runs_cmd, scheduler_cmd, demo,
-                bench_command, billing_group, metrics_group, dashboard_command, hotpath_group):
+                bench_command, billing_group, metrics_group, dashboard_command, hotpath_group,
+                usage_group, alerts_group, webhooks_group):
     cli.add_command(command)
 
 def main() -> None:
