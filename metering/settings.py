@@ -12,6 +12,12 @@
 ``HOSTMETER_REDIS_URL`` is ``redis://[:PASSWORD@]HOST:PORT/DB`` (``rediss://`` for TLS); unset,
 there is no hot path (``flush-usage`` does nothing, ``snapshot-usage`` reads the database only).
 
+Webhook delivery (``deliver-webhooks``): ``HOSTMETER_WEBHOOK_TIMEOUT`` (seconds, default 10)
+bounds each phase of a POST (connect, send, wait for the answer);
+``HOSTMETER_WEBHOOK_RETRY_HOURS`` (default 72) is how long a failing delivery is retried before
+it is ``dead``; ``HOSTMETER_WEBHOOK_RUN_SECONDS`` (default 40) is how long one run keeps
+starting attempts (a run then ends within that plus one timeout, inside its minute).
+
 The database URL is checked where an engine is made (:func:`metering.db.parse_url`):
 ``sqlite:///PATH`` or ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB`` (``postgres://`` and
 ``postgresql://`` mean the same); an ``@`` in the password is written ``%40``.
@@ -47,6 +53,19 @@ def _retention(value: str | None) -> int:
     return days
 
 
+def _number(name: str, value: str | None, default: float, low: float, high: float) -> float:
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not low <= number <= high:  # also NaN
+        raise ConfigError(f"{name}={value!r} must be a number from {low:g} to {high:g}",
+                          setting=name)
+    return number
+
+
 def _flag(name: str, value: str | None) -> bool:
     text = (value or "").strip().lower()
     if text in ("", "0", "false", "no", "off"):
@@ -66,6 +85,9 @@ class Settings:
     retention_days: int = 400
     redis_url: str | None = None
     redis_cluster: bool = False
+    webhook_timeout_s: float = 10.0
+    webhook_retry_hours: float = 72.0
+    webhook_run_s: float = 40.0
 
     @property
     def zone(self) -> ZoneInfo:
@@ -81,6 +103,12 @@ class Settings:
             retention_days=_retention(env.get("HOSTMETER_RETENTION_DAYS")),
             redis_url=env.get("HOSTMETER_REDIS_URL") or None,
             redis_cluster=_flag("HOSTMETER_REDIS_CLUSTER", env.get("HOSTMETER_REDIS_CLUSTER")),
+            webhook_timeout_s=_number("HOSTMETER_WEBHOOK_TIMEOUT",
+                                      env.get("HOSTMETER_WEBHOOK_TIMEOUT"), 10.0, 0.1, 120.0),
+            webhook_retry_hours=_number("HOSTMETER_WEBHOOK_RETRY_HOURS",
+                                        env.get("HOSTMETER_WEBHOOK_RETRY_HOURS"), 72.0, 0.0, 720.0),
+            webhook_run_s=_number("HOSTMETER_WEBHOOK_RUN_SECONDS",
+                                  env.get("HOSTMETER_WEBHOOK_RUN_SECONDS"), 40.0, 1.0, 3600.0),
         )
         try:
             ZoneInfo(settings.billing_tz)
