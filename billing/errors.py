@@ -5,6 +5,7 @@ The tree::
     BillingError
     ├── CatalogError         a catalog file is missing a field or has a bad value
     ├── CoverageError        some hours of the month are not snapshotted and cannot be rebuilt
+    ├── InvalidThreshold     a budget alert threshold that cannot be used
     ├── InvoiceImmutable     an attempt to change a final invoice
     ├── ReasonRequired       a rerun would adjust a final invoice but gave no --reason
     └── UnknownTenant        a --tenant that hostmeter has never seen
@@ -18,6 +19,7 @@ __all__ = [
     "BillingError",
     "CatalogError",
     "CoverageError",
+    "InvalidThreshold",
     "InvoiceImmutable",
     "ReasonRequired",
     "UnknownTenant",
@@ -34,6 +36,11 @@ class CatalogError(BillingError):
 
 class CoverageError(BillingError):
     """Hours of the month are not snapshotted and cannot be rebuilt from recorded usage."""
+
+
+class InvalidThreshold(BillingError):
+    """A budget alert threshold that cannot be used (negative, zero, too large, more decimals
+    than the currency has, or not a number)."""
 
 
 class InvoiceImmutable(BillingError):

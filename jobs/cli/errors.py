@@ -21,7 +21,13 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from billing.errors import BillingError, CatalogError, ReasonRequired, UnknownTenant
+from billing.errors import (
+    BillingError,
+    CatalogError,
+    InvalidThreshold,
+    ReasonRequired,
+    UnknownTenant,
+)
 from jobs.runtime.errors import BadTrigger, JobError, UnknownJob
 from metering.db import database_error
 from metering.display import one_line
@@ -75,7 +81,7 @@ def fail(message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
 def translate(exc: Exception) -> click.ClickException:
     if isinstance(exc, InvalidWindow | InvalidRecord | InvalidBatch | ConfigError | UnknownJob
                   | BadTrigger | ReasonRequired | UnknownTenant | CatalogError
-                  | HotPathRejected):
+                  | HotPathRejected | InvalidThreshold):
         return CliError(str(exc), EXIT_BAD_INPUT)
     if isinstance(exc, MeteringError | JobError | BillingError):
         return CliError(str(exc), EXIT_FAILED)
