@@ -24,6 +24,7 @@ from metering.db import bulk_insert
 from metering.display import quote_name
 
 __all__ = [
+    "FinalizedInvoice",
     "RevisionWrite",
     "StoredInvoice",
     "finalize_drafts",
@@ -276,7 +277,8 @@ def insert_revision(
 class RevisionWrite:
     """What a close or rerun writes for one tenant: void its current draft (``void``), then add
     a new draft revision (``rating``, with an adjustment against ``adjusts``, a final revision).
-    Either part may be absent: a restored tenant only voids, a new tenant only inserts."""
+    Either part may be absent: a restored tenant only voids (``adjusts`` then names the final
+    revision that stands again, for its event), a new tenant only inserts."""
 
     tenant: str
     tenant_id: int
@@ -379,16 +381,53 @@ def void_invoice(conn: Connection, invoice: StoredInvoice, at: datetime) -> None
     void_invoices(conn, [invoice], at)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinalizedInvoice:
+    """A draft that :func:`finalize_drafts` has just made final (what its event says)."""
+
+    tenant: str
+    tenant_id: int
+    revision: int
+    currency: str
+    minor_units: int
+    standard_units: int
+    micro_units: int
+    subtotal: int
+    tax: int
+    total: int
+    finalized_at: datetime
+
+
 def finalize_drafts(
     conn: Connection, period: str, at: datetime, tenant_ids: Sequence[int] | None = None
-) -> int:
-    """draft → final for every current draft of ``period``: one statement. Returns the count."""
-    inv = b.invoices
+) -> list[FinalizedInvoice]:
+    """draft → final for every current draft of ``period``: one ``UPDATE … RETURNING``, then
+    one read of the tenants' keys. Returns the invoices it finalized, by tenant key."""
+    inv, t = b.invoices, m.tenants
     where = [inv.c.period == period, inv.c.status == "draft"]
     if tenant_ids is not None:
         where.append(inv.c.tenant_id.in_(list(tenant_ids)))
-    return int(conn.execute(sa.update(inv).where(*where).values(status="final",
-                                                                 finalized_at=at)).rowcount)
+    rows = conn.execute(
+        sa.update(inv).where(*where).values(status="final", finalized_at=at)
+        .returning(inv.c.tenant_id, inv.c.revision, inv.c.currency, inv.c.minor_units,
+                   inv.c.standard_units, inv.c.micro_units, inv.c.subtotal, inv.c.tax,
+                   inv.c.total)
+    ).all()
+    if not rows:
+        return []
+    ids = sorted({r.tenant_id for r in rows})
+    keys: dict[int, str] = {}
+    for i in range(0, len(ids), _IDS_PER_STATEMENT):
+        keys.update((tid, key) for tid, key in conn.execute(sa.select(t.c.id, t.c.key).where(
+            t.c.id.in_(ids[i : i + _IDS_PER_STATEMENT]))))
+    return sorted(
+        (FinalizedInvoice(tenant=keys[r.tenant_id], tenant_id=r.tenant_id, revision=r.revision,
+                          currency=r.currency, minor_units=r.minor_units,
+                          standard_units=r.standard_units, micro_units=r.micro_units,
+                          subtotal=r.subtotal, tax=r.tax, total=r.total, finalized_at=at)
+         for r in rows),
+        key=lambda f: f.tenant,
+    )
 
 
 def update_invoice(conn: Connection, invoice: StoredInvoice, **values: Any) -> None:

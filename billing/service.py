@@ -21,6 +21,10 @@ the database — is recorded and the others go on: a failed bulk write is retrie
 in its own savepoint, down to the single tenant that fails. The run then ends ``partial`` and
 running it again finishes the rest without duplicating anything.
 
+Every invoice change a customer can see also writes its event to the webhook outbox in the
+same transaction (:mod:`billing.invoice_events`): ``invoice.drafted``, ``invoice.revised``,
+``invoice.finalized``. Unchanged, stale and failed tenants write none.
+
 ``dry_run`` does all the work inside a transaction that is rolled back, so it writes
 nothing at all — not even the rebuilt snapshots or the audit row.
 """
@@ -39,9 +43,11 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 
 from billing import models as bm
+from billing import outbox
 from billing import repository as repo
 from billing.catalog import Catalog, catalog_for
 from billing.errors import CoverageError, ReasonRequired
+from billing.invoice_events import finalized_events, written_events
 from billing.rules import MonthSums, Rating, rate
 from metering import models as m
 from metering.db import describe_error
@@ -290,8 +296,16 @@ def _bill(
             writes.append(write)
 
     # Persist: all of it in bulk; a failing tenant is found and left out (_write_isolated).
+    failed: set[str] = set()
     for tenant, error in _write_isolated(conn, req, writes):
         outcomes[tenant] = _failed(conn, req, tenant, error)
+        failed.add(tenant)
+    # What customers hear (webhooks): written in this transaction, so it commits with the
+    # invoices or not at all; a dry run writes none.
+    if not req.dry_run:
+        outbox.enqueue(conn, written_events([w for w in writes if w.tenant not in failed],
+                                            period=req.period, action=action),
+                       now=req.now, run_id=req.run_id)
 
     # One event per tenant whose invoice a customer has seen change (revised, adjusted,
     # restored); the routine first revisions — one per paying tenant, thousands a month — are
@@ -390,7 +404,8 @@ def _plan_tenant(
             return (TenantOutcome(tenant=month.tenant, action="restored",
                                   revision=last_final.revision, old=old, new=new),
                     repo.RevisionWrite(tenant=month.tenant, tenant_id=tenant_id,
-                                       revision=next_revision, void=current))
+                                       revision=next_revision, void=current,
+                                       adjusts=last_final))
         return (TenantOutcome(
             tenant=month.tenant, action="adjusted" if last_final else "revised",
             revision=next_revision, old=old, new=new,
@@ -472,7 +487,11 @@ def finalize_period(
     with _transaction(engine, dry_run=req.dry_run) as conn:
         _lock_period(conn, req.period)
         ids = list(repo.resolve_tenants(conn, req.tenants).values()) if req.tenants else None
-        count = repo.finalize_drafts(conn, req.period, req.now, ids)
+        finalized = repo.finalize_drafts(conn, req.period, req.now, ids)
+        count = len(finalized)
+        if not req.dry_run:
+            outbox.enqueue(conn, finalized_events(finalized, period=req.period), now=req.now,
+                           run_id=req.run_id)
         result = BillingOutcome(period=req.period, action="finalize", dry_run=req.dry_run,
                                 run_id=req.run_id, catalog=catalog.version, hours_in_month=0,
                                 finalized=count)
