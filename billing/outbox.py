@@ -118,6 +118,8 @@ def enqueue(conn: Connection, events: Sequence[Event], *, now: datetime,
             sa.insert(dl).from_select(
                 ["event_pk", "endpoint_id", "tenant_id", "status", "attempts",
                  "next_attempt_at", "created_at"], fan_out)
+            # an INSERT's rowcount is kept only on request (else -1 on PostgreSQL)
+            .execution_options(preserve_rowcount=True)
         ).rowcount
     return queued
 
