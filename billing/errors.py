@@ -8,7 +8,8 @@ The tree::
     ├── InvalidThreshold     a budget alert threshold that cannot be used
     ├── InvoiceImmutable     an attempt to change a final invoice
     ├── ReasonRequired       a rerun would adjust a final invoice but gave no --reason
-    └── UnknownTenant        a --tenant that hostmeter has never seen
+    ├── UnknownTenant        a --tenant that hostmeter has never seen
+    └── WebhookRefused       a webhook endpoint or delivery request that cannot be done
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "InvoiceImmutable",
     "ReasonRequired",
     "UnknownTenant",
+    "WebhookRefused",
 ]
 
 
@@ -53,3 +55,8 @@ class ReasonRequired(BillingError):
 
 class UnknownTenant(BillingError):
     """No tenant with that key has ever been recorded."""
+
+
+class WebhookRefused(BillingError):
+    """A webhook request that cannot be done: a bad endpoint URL or secret, an unknown or
+    disabled endpoint, an unknown delivery."""

@@ -27,6 +27,7 @@ from billing.errors import (
     InvalidThreshold,
     ReasonRequired,
     UnknownTenant,
+    WebhookRefused,
 )
 from jobs.runtime.errors import BadTrigger, JobError, UnknownJob
 from metering.db import database_error
@@ -81,7 +82,7 @@ def fail(message: str, exit_code: int = EXIT_FAILED) -> NoReturn:
 def translate(exc: Exception) -> click.ClickException:
     if isinstance(exc, InvalidWindow | InvalidRecord | InvalidBatch | ConfigError | UnknownJob
                   | BadTrigger | ReasonRequired | UnknownTenant | CatalogError
-                  | HotPathRejected | InvalidThreshold):
+                  | HotPathRejected | InvalidThreshold | WebhookRefused):
         return CliError(str(exc), EXIT_BAD_INPUT)
     if isinstance(exc, MeteringError | JobError | BillingError):
         return CliError(str(exc), EXIT_FAILED)
