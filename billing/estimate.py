@@ -33,7 +33,9 @@ does not rebuild them (it only reads). :func:`compute` logs one ``estimate_hours
 warning and each estimate carries ``hours_missing``.
 
 :func:`store` writes the estimates into ``usage_estimates`` (the rows of the same
-``(period, as_of)`` are replaced), in the caller's transaction.
+``(period, as_of)`` are replaced), in the caller's transaction; :func:`history` reads them back
+over a month (the fleet's projected total per hour and the largest tenants' series) for the
+dashboard.
 """
 
 from __future__ import annotations
@@ -61,11 +63,13 @@ from metering.timeutil import HOUR, as_utc, floor_hour, month_bounds, period_of
 
 __all__ = [
     "METHODS",
+    "EstimateHistory",
     "Profile",
     "TenantEstimate",
     "add_sums",
     "compute",
     "estimate_rows",
+    "history",
     "hours_missing",
     "period_at",
     "profile",
@@ -288,3 +292,50 @@ def store(
         conn.execute(sa.delete(ue).where(ue.c.period == p, ue.c.as_of == a))
     return bulk_insert(conn, ue, estimate_rows(estimates, computed_at=computed_at,
                                                run_id=run_id))
+
+
+Series = tuple[tuple[datetime, int], ...]
+"""``(as_of, projected total in minor units)``, oldest first."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EstimateHistory:
+    """The stored estimates of one month: the fleet's projected total at every ``as_of``, and
+    the series of the ``top`` tenants by their latest projected total (largest first)."""
+
+    period: str
+    currency: str
+    minor_units: int
+    fleet: Series
+    tenants: tuple[tuple[str, Series], ...]
+
+
+def history(conn: Connection, *, period: str, top: int = 5) -> EstimateHistory | None:
+    """The stored estimates of ``period`` (``None`` when there are none): three statements,
+    the fleet's sums per hour, the top tenants at the latest hour, and their series."""
+    ue, t = n.usage_estimates, m.tenants
+    fleet = conn.execute(
+        sa.select(ue.c.as_of, sa.func.sum(ue.c.projected_total), sa.func.min(ue.c.currency),
+                  sa.func.min(ue.c.minor_units))
+        .where(ue.c.period == period).group_by(ue.c.as_of).order_by(ue.c.as_of)).all()
+    if not fleet:
+        return None
+    latest = fleet[-1][0]
+    leaders = conn.execute(
+        sa.select(ue.c.tenant_id, t.c.key)
+        .join(t, t.c.id == ue.c.tenant_id)
+        .where(ue.c.period == period, ue.c.as_of == latest)
+        .order_by(ue.c.projected_total.desc(), t.c.key).limit(top)).all()
+    series: dict[int, list[tuple[datetime, int]]] = {tid: [] for tid, _ in leaders}
+    if leaders:
+        for tid, as_of, total in conn.execute(
+            sa.select(ue.c.tenant_id, ue.c.as_of, ue.c.projected_total)
+            .where(ue.c.period == period, ue.c.tenant_id.in_(list(series)))
+            .order_by(ue.c.as_of)
+        ):
+            series[int(tid)].append((as_of, int(total)))
+    return EstimateHistory(
+        period=period, currency=str(fleet[-1][2]), minor_units=int(fleet[-1][3]),
+        fleet=tuple((a, int(total)) for a, total, _, _ in fleet),
+        tenants=tuple((str(key), tuple(series[int(tid)])) for tid, key in leaders),
+    )

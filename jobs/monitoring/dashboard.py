@@ -30,6 +30,7 @@ from jobs.monitoring.metricdata import (
     HourValue,
     JobStatus,
     MonthBilling,
+    MonthEstimates,
     NoisyFlags,
     RunCompleteness,
     RunFact,
@@ -54,6 +55,7 @@ SECTION_TITLES = (
     "Billed units by month",
     "Billed amounts by month",
     "Top tenants by billed units",
+    "Projected bill this month",
     "Recent failed runs",
     "Malformed log lines",
 )
@@ -62,9 +64,10 @@ SECTION_TITLES = (
 CAPACITY_SERIES = (("hosts", "Hosts"), ("metrics", "Metrics"), ("posts", "Posts"))
 """The fleet totals charted under "Capacity over time" (series, label), in order."""
 
-CHART_COUNT = 8
+CHART_COUNT = 10
 """The SVG charts on a page with data in every section (durations, statuses, tenants, fleet
-hosts, metrics and posts, coverage, units)."""
+hosts, metrics and posts, coverage, units, the projected bill of the fleet and of its largest
+tenants)."""
 
 STATUS_COLORS: Mapping[str, str] = {
     "succeeded": "#1b9e77",
@@ -88,6 +91,7 @@ COLORS: Mapping[str, str] = {
     "fleet.metrics": "#8e6bbf",
     "fleet.posts": "#d9822b",
     "short": "#fde2e1",
+    "estimate.fleet": "#e15759",
     **{f"status.{k}": v for k, v in STATUS_COLORS.items()},
 }
 """Fill colors of the charts (tests look for them in a screenshot)."""
@@ -486,6 +490,67 @@ def _capacity(capacity: Mapping[str, Sequence[HourValue]]) -> str:
     return f'<div class="cells">{"".join(cells)}</div>'
 
 
+Points = Sequence[tuple[datetime, Decimal]]
+
+
+def _money_lines(name: str, title: str, lines: Sequence[tuple[str, str, Points]],
+                 t0: datetime, t1: datetime, currency: str) -> str:
+    """Money over ``[t0, t1)`` (a month): one line per ``(label, color, points)``, the
+    latest value of each marked. Amounts are plotted as floats (positions only); every
+    amount shown as text keeps its Decimal digits."""
+    f = _CARD
+    span = (t1 - t0).total_seconds()
+    top = max((v for _, _, points in lines for _, v in points), default=Decimal(0))
+    scale = _Scale.for_max(float(top))
+
+    def x(t: datetime) -> float:
+        return _LEFT + f.plot_w * (_utc(t) - t0).total_seconds() / span
+
+    parts = [f.y_axis(scale, f"Projected amount ({currency})", _compact),
+             f.x_label("Estimate as of (UTC)")]
+    for t in _time_ticks(t0, t1, most=7):
+        parts.append(f'<line class="grid" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{_TOP}" '
+                     f'y2="{f.base}"/>')
+        parts.append(f.x_tick(x(t), t.strftime("%m-%d")))
+    for label, color, points in lines:
+        if not points:
+            continue
+        xy = [(x(at), f.y(float(v), scale)) for at, v in points]
+        if len(xy) > 1:
+            line = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy)
+            parts.append(f'<polyline class="series" points="{line}" fill="none" '
+                         f'stroke="{color}" stroke-width="1.5"/>')
+        at, v = points[-1]
+        tip = f"{label}: {_money(v)} {currency} projected as of {_when(at)} UTC"
+        parts.append(f'<circle cx="{xy[-1][0]:.1f}" cy="{xy[-1][1]:.1f}" r="3.5" '
+                     f'fill="{color}"><title>{_e(tip)}</title></circle>')
+    return f.svg(name, title, "".join(parts)) + _legend((label, color) for label, color, _ in lines)
+
+
+def _estimates(est: MonthEstimates | None) -> str:
+    if est is None or not est.fleet:
+        return _empty("No usage estimates stored for this month yet (estimate-usage runs "
+                      "hourly).")
+    t0, t1 = _utc(est.start), _utc(est.end)
+    last_at, last_total = est.fleet[-1]
+    note = (f"{est.period}: the fleet's projected bill is {_money(last_total)} {est.currency} "
+            f"as of {_when(last_at)} UTC ({len(est.fleet):,} hourly estimates stored).")
+    fleet = _money_lines("estimates_fleet", f"Projected bill of the fleet, {est.period}",
+                         [("Fleet (sum over tenants)", COLORS["estimate.fleet"], est.fleet)],
+                         t0, t1, est.currency)
+    colors = [_JOB_PALETTE[i % len(_JOB_PALETTE)] for i in range(len(est.tenants))]
+    tenants = (_money_lines("estimates_tenants",
+                            f"Projected bill of the largest tenants, {est.period}",
+                            [(k, c, pts) for (k, pts), c in zip(est.tenants, colors,
+                                                                strict=True)],
+                            t0, t1, est.currency)
+               if est.tenants else _empty("No tenant estimates."))
+    return (f'<p class="note">{_e(note)}</p><div class="cells">'
+            f'<div class="cell" data-series="fleet"><h3>Fleet</h3>{fleet}</div>'
+            f'<div class="cell" data-series="tenants"><h3>Largest tenants</h3>{tenants}</div>'
+            "</div>")
+
+
 # --- tables and tiles -------------------------------------------------------------------------
 
 
@@ -741,6 +806,9 @@ def render(data: DashboardData) -> str:
         ("Totals of the latest revisions, not void.", _amounts_table(data.months), False),
         ("Standard + micro units of the latest month, largest first.",
          _top_tenants_table(data), False),
+        ("Month-to-date estimates carried to the month's end (estimate-usage, hourly): the "
+         "fleet's projected total per hour and the largest tenants' by their latest "
+         "projection.", _estimates(data.estimates), True),
         ("Runs that finished failed or partial, newest first.", _failed_table(data.runs), True),
         ("Job log lines the metrics store could not read.", _malformed(data.malformed_lines),
          False),

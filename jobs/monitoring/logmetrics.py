@@ -56,6 +56,7 @@ from jobs.monitoring.metricdata import (
     JobStatus,
     MetricPoint,
     MonthBilling,
+    MonthEstimates,
     NoisyFlag,
     NoisyFlags,
     RunCompleteness,
@@ -91,6 +92,7 @@ __all__ = [
     "growth_rankings",
     "job_statuses",
     "log_files",
+    "month_estimates",
     "months",
     "noisy_flags",
     "parse_lines",
@@ -738,6 +740,27 @@ def completeness(conn: Connection, *, now: datetime, runs: int = COMPLETENESS_RU
     return out
 
 
+def month_estimates(conn: Connection, zone: Any, *, now: datetime,
+                    top: int = 5) -> MonthEstimates | None:
+    """The usage estimates stored for the month ``estimate-usage`` estimates at ``now``: the
+    fleet's projected total per hour and the ``top`` tenants' (``None``: none stored)."""
+    from billing.estimate import history, period_at
+
+    period = period_at(now, zone)
+    stored = history(conn, period=period, top=top)
+    if stored is None:
+        return None
+    start, end = month_bounds(period, zone)
+    minor = stored.minor_units
+
+    def money(points: Iterable[tuple[datetime, int]]) -> tuple[tuple[datetime, Decimal], ...]:
+        return tuple((at, to_decimal(v, minor)) for at, v in points)
+
+    return MonthEstimates(period=period, start=start, end=end, currency=stored.currency,
+                          fleet=money(stored.fleet),
+                          tenants=tuple((k, money(s)) for k, s in stored.tenants))
+
+
 def dashboard_data(engine: Engine, zone: Any, *, now: datetime,
                    runs: int = 2000) -> DashboardData:
     with reading(engine) as conn:
@@ -746,9 +769,11 @@ def dashboard_data(engine: Engine, zone: Any, *, now: datetime,
         ranked = growth_rankings(conn)
         noisy = noisy_flags(conn, now=now)
         complete = completeness(conn, now=now)
+        estimates = month_estimates(conn, zone, now=now)
     month_list = months(engine, zone)
     top = _top_tenants(engine, month_list[-1].period, 10) if month_list else []
     return DashboardData(generated_at=now, runs=tuple(facts), jobs=tuple(job_statuses(engine)),
                          months=tuple(month_list), top_tenants=tuple(top),
                          malformed_lines=malformed_total(engine), capacity=fleet,
-                         growth=tuple(ranked), noisy=noisy, completeness=tuple(complete))
+                         growth=tuple(ranked), noisy=noisy, completeness=tuple(complete),
+                         estimates=estimates)

@@ -15,7 +15,7 @@ from fractions import Fraction
 
 __all__ = [
     "DashboardData", "GrowthRanking", "HourValue", "JobStatus", "MetricPoint", "MonthBilling",
-    "NoisyFlag", "NoisyFlags", "RunCompleteness", "RunFact", "TenantGrowth",
+    "MonthEstimates", "NoisyFlag", "NoisyFlags", "RunCompleteness", "RunFact", "TenantGrowth",
 ]
 
 
@@ -79,6 +79,20 @@ class HourValue:
 
     hour: datetime
     value: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MonthEstimates:
+    """The projected totals ``estimate-usage`` stored over one month ``[start, end)``: the
+    fleet's sum at every ``as_of`` and the series of the largest tenants (by their latest
+    projection, largest first), in currency units, oldest first."""
+
+    period: str
+    start: datetime
+    end: datetime
+    currency: str
+    fleet: tuple[tuple[datetime, Decimal], ...]
+    tenants: tuple[tuple[str, tuple[tuple[datetime, Decimal], ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,3 +187,5 @@ class DashboardData:
     noisy: NoisyFlags | None = None
     completeness: tuple[RunCompleteness, ...] = ()
     """The latest runs of each job that reports tenant counts (by job, newest first)."""
+    estimates: MonthEstimates | None = None
+    """The current month's stored usage estimates (``None``: none stored yet)."""

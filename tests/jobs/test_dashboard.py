@@ -34,6 +34,7 @@ from jobs.monitoring.metricdata import (
     HourValue,
     JobStatus,
     MonthBilling,
+    MonthEstimates,
     NoisyFlag,
     NoisyFlags,
     RunCompleteness,
@@ -127,6 +128,7 @@ def sample_data() -> DashboardData:
                    "partial" if h == 2 else "succeeded") for h in range(5)),
     )
     return DashboardData(
+        estimates=sample_estimates(),
         generated_at=START + timedelta(days=3),
         runs=tuple(runs),
         jobs=(job_status("snapshot-usage", 120, 120, 0),
@@ -150,6 +152,23 @@ def sample_data() -> DashboardData:
         noisy=noisy,
         completeness=completeness,
     )
+
+
+EST_START = datetime(2026, 10, 31, 15, tzinfo=UTC)  # November 2026 in Asia/Tokyo
+EST_END = datetime(2026, 11, 30, 15, tzinfo=UTC)
+
+
+def sample_estimates() -> MonthEstimates:
+    """Three days of hourly estimates: the fleet's total and three tenants'."""
+    hours = [EST_START + timedelta(hours=h) for h in range(1, 73)]
+    acme = tuple((h, Decimal(4326 + 10 * i)) for i, h in enumerate(hours))
+    globex = tuple((h, Decimal(1833)) for h in hours)
+    hostile = tuple((h, Decimal("660.5")) for h in hours[-5:])
+    fleet = tuple((h, a + g + (Decimal("660.5") if h in dict(hostile) else 0))
+                  for (h, a), (_, g) in zip(acme, globex, strict=True))
+    return MonthEstimates(period="2026-11", start=EST_START, end=EST_END, currency="JPY",
+                          fleet=fleet, tenants=(("acme", acme), ("globex", globex),
+                                                (HOSTILE_TENANT, hostile)))
 
 
 EMPTY = DashboardData(generated_at=START, runs=(), jobs=(), months=(), top_tenants=())
@@ -183,7 +202,8 @@ def test_page_has_every_section_in_order_and_its_charts(page: str) -> None:
         assert f"<h2>{title}</h2>" in page
     charts = re.findall(r'<svg class="chart" data-chart="(\w+)"', page)
     assert charts == ["durations", "statuses", "tenants", "fleet_hosts", "fleet_metrics",
-                      "fleet_posts", "coverage", "units"]
+                      "fleet_posts", "coverage", "units", "estimates_fleet",
+                      "estimates_tenants"]
     assert len(charts) == dashboard.CHART_COUNT
     for axis in ("Duration (seconds)", "Finished at (UTC)", "Runs (count)", "Tenants (count)",
                  "Billed units (count)", "Snapshot coverage (% of the month&#x27;s hours)"):
@@ -224,6 +244,24 @@ def test_money_keeps_every_digit(data: DashboardData, amount: Decimal, text: str
     assert f">{text}</td>" in dashboard.render(replace(data, months=(month,)))
 
 
+def test_estimates_panel_draws_the_fleet_and_the_largest_tenants(page: str) -> None:
+    panel = re.search(r'data-section="Projected bill this month".*?</section>', page, re.S)
+    assert panel
+    text = panel.group(0)
+    # the note: the latest fleet total, every digit (4326 + 710 + 1833 + 660.5)
+    assert ("2026-11: the fleet&#x27;s projected bill is 7,529.5 JPY as of 2026-11-03 15:00 UTC "
+            "(72 hourly estimates stored).") in text
+    fleet = re.search(r'data-chart="estimates_fleet".*?</svg>', text, re.S)
+    tenants = re.search(r'data-chart="estimates_tenants".*?</svg>', text, re.S)
+    assert fleet and tenants
+    assert fleet.group(0).count("<polyline") == 1
+    assert tenants.group(0).count("<polyline") == 3
+    assert "acme: 5,036 JPY projected as of 2026-11-03 15:00 UTC" in tenants.group(0)
+    assert "umbrella &lt;corp&gt; &amp; sons: 660.5 JPY projected" in tenants.group(0)
+    assert ">Projected amount (JPY)</text>" in text and ">Estimate as of (UTC)</text>" in text
+    assert dashboard.COLORS["estimate.fleet"] in fleet.group(0)
+
+
 def test_empty_data_renders_a_page_that_says_so() -> None:
     page = dashboard.render(EMPTY)
     assert re.findall(r'data-section="([^"]*)"', page) == list(dashboard.SECTION_TITLES)
@@ -231,6 +269,7 @@ def test_empty_data_renders_a_page_that_says_so() -> None:
     assert "No billing months yet." in page and "No invoices yet." in page
     assert "No run has reported tenant counts yet." in page
     assert "No fleet totals yet" in page and "No tenant series yet" in page
+    assert "No usage estimates stored for this month yet" in page
     assert "<svg" not in page and "Traceback" not in page
 
 
@@ -396,6 +435,44 @@ def test_tenant_names_are_escaped_in_every_panel(store_page: str) -> None:
     escaped = "&lt;img src=x onerror=alert(1)&gt; &amp; &quot;co&quot;"
     assert store_page.count(escaped) == 4  # hosts and metrics growth, two flags
     assert store_page.count("<script>") == 2
+
+
+def test_estimates_panel_reads_what_estimate_usage_stored(engine: Engine) -> None:
+    """Three hourly runs of estimate-usage over two tenants → the panel of the month they are
+    in (and none for a month with no estimates)."""
+    from jobs import estimate_usage, snapshot_usage
+    from jobs.runtime.context import JobContext, run_job
+    from metering.ingest import UsageRecorder
+    from metering.records import HostPost, PlanChange, Record
+    from metering.settings import Settings
+
+    zone = ZoneInfo("Asia/Tokyo")
+    first = EST_START  # 2026-11-01 00:00 in Tokyo
+    posts: list[Record] = [PlanChange(tenant=t, plan="standard", at=first)
+                           for t in ("acme", HOSTILE_NAME)]
+    posts += [HostPost(tenant=t, host=f"h{i}", kind="standard",
+                       at=first + timedelta(hours=h, minutes=5), metrics=("loadavg5",))
+              for h in range(3) for t, n in (("acme", 4), (HOSTILE_NAME, 1)) for i in range(n)]
+    UsageRecorder(engine).record(posts)
+    ctx = JobContext(engine=engine, settings=Settings())
+    hours = [first + timedelta(hours=h) for h in range(3)]
+    assert run_job("snapshot-usage", snapshot_usage.run, ctx, first, hours=hours).ok
+    for h in hours:
+        assert run_job("estimate-usage", estimate_usage.run, ctx,
+                       h + timedelta(hours=1, minutes=15)).ok
+    now = first + timedelta(hours=3, minutes=20)
+    est = lm.dashboard_data(engine, zone, now=now).estimates
+    assert est is not None
+    assert (est.period, est.start, est.end, est.currency) == ("2026-11", EST_START, EST_END,
+                                                              "JPY")
+    assert [at for at, _ in est.fleet] == [h + timedelta(hours=1) for h in hours]
+    # projected from the hours so far: acme 4 hosts → 4 units, the other 1 → 1 unit
+    assert est.fleet[-1][1] == Decimal(5 * 1833)
+    assert [(k, pts[-1][1]) for k, pts in est.tenants] == [
+        ("acme", Decimal(4 * 1833)), (HOSTILE_NAME, Decimal(1833))]
+    page = dashboard.render(lm.dashboard_data(engine, zone, now=now))
+    assert 'data-chart="estimates_tenants"' in page and HOSTILE_NAME not in page
+    assert lm.dashboard_data(engine, zone, now=EST_END + timedelta(days=3)).estimates is None
 
 
 # --- the server -------------------------------------------------------------------------------
