@@ -111,7 +111,7 @@ def run_job(
     )
 
 
-_NOT_LOGGED = frozenset({"outcomes", "logs_client"})  # handed in by callers, not options
+_NOT_LOGGED = frozenset({"outcomes", "logs_client", "transport"})  # handed in, not options
 
 
 def _show(value: Any) -> Any:
