@@ -112,6 +112,20 @@ def test_profile(at: tuple[int, int], method: str, p_start: datetime, p_end: dat
     assert p.times * p.hours + p.leftover == (END - as_of) // HOUR
 
 
+def test_profile_on_a_dst_day_has_its_own_length() -> None:
+    """New York, November 2026: the clocks go back on the 1st, a 25-hour day. The profile is
+    that day, and the hours left are still covered exactly: R = q·25 + r."""
+    ny = ZoneInfo("America/New_York")
+    start, end = month_bounds("2026-11", ny)
+    as_of = datetime(2026, 11, 2, 5, tzinfo=ny).astimezone(UTC)
+    p = estimate.profile("2026-11", as_of, ny)
+    assert (p.method, p.hours) == ("last_day", 25)
+    assert (p.start, p.end) == (start, datetime(2026, 11, 2, tzinfo=ny).astimezone(UTC))
+    remaining = (end - as_of) // HOUR
+    assert remaining == 29 * 24 - 5
+    assert (p.times, p.leftover) == divmod(remaining, 25)
+
+
 def test_profile_at_month_end_is_complete() -> None:
     p = estimate.profile(PERIOD, END, ZONE)
     assert (p.method, p.times, p.leftover) == ("complete", 0, 0)
