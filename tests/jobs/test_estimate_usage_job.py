@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from structlog.testing import capture_logs
 
 from billing import estimate
 from billing import notices as n
+from billing.alerts import set_alert
 from billing.repository import load_invoices
 from jobs import billing_jobs, estimate_usage, snapshot_usage
 from jobs.runtime.context import JobContext, JobResult, new_run_id, run_job
@@ -264,3 +266,22 @@ def test_an_empty_database_stores_nothing(engine: Engine) -> None:
     assert (result.counts["tenants"], result.counts["rows_stored"]) == (0, 0)
     assert result.counts["hours_missing"] == 9 * 24 + 3
     assert stored(engine) == {}
+
+
+def test_the_run_raises_a_threshold_event_once_in_its_transaction(engine: Engine) -> None:
+    """acme's projection crosses its amount threshold: the hourly run raises one
+    usage.threshold event; the next hour's run (still over) raises none."""
+    as_of = local(3, 7)
+    _small_month(engine, as_of + HOUR)
+    _snapshot(engine, START, as_of + HOUR)
+    with engine.begin() as conn:
+        set_alert(conn, tenant="acme", measure="amount", threshold=Decimal(3000),
+                  now=local(1, 1), actor="test", zone=ZONE)
+    first = run(engine, as_of + timedelta(minutes=15)).counts
+    assert (first["alerts_evaluated"], first["alerts_crossed"], first["alerts_cleared"]) == (
+        1, 1, 0)
+    second = run(engine, as_of + HOUR + timedelta(minutes=15)).counts
+    assert (second["alerts_crossed"], second["alerts_cleared"]) == (0, 0)
+    with engine.connect() as conn:
+        events = conn.execute(sa.select(n.outbox_events.c.type)).scalars().all()
+    assert events == ["usage.threshold"]
