@@ -11,7 +11,7 @@ import os
 
 from alembic import context
 
-import billing.models  # noqa: F401  (registers the billing tables on the metadata)
+import billing.models
 import billing.notices  # noqa: F401  (estimates, budget alerts, the webhook outbox)
 import jobs.monitoring.store
 import jobs.runtime.ledger  # noqa: F401  (registers the run ledger on the metadata)

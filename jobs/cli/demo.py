@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING
 
 import click
 
 from jobs.cli.errors import fail
 from jobs.cli.state import current_state
 from metering.display import quote_name
+
+if TYPE_CHECKING:
+    from jobs.runtime.context import JobContext
 
 __all__ = ["demo"]
 
@@ -25,7 +29,8 @@ def _avg(total: int, hours: int) -> str:
               help="Month to generate (default: the previous full month in the billing zone).")
 @click.option("--tenants", type=click.IntRange(12, 5000), default=36, show_default=True)
 def demo(seed: int, period: str | None, tenants: int) -> None:
-    """Generate a synthetic fleet, snapshot a month of hours, close it, print invoices."""
+    """Generate a synthetic fleet, snapshot a month of hours, close it, print invoices; then
+    estimate the current month and deliver one budget alert to a local webhook receiver."""
     from jobs.cli.billing import print_invoices
     from jobs.cli.console import out, print_table, progress
     from jobs.runtime.context import JobContext
@@ -47,6 +52,7 @@ def demo(seed: int, period: str | None, tenants: int) -> None:
         ctx = JobContext(engine=engine, settings=settings, trigger="manual",
                          progress=snap_update)
         result = run_demo(ctx, period, seed=seed, tenants=tenants, ingest_progress=ingest_update)
+    ctx = JobContext(engine=engine, settings=settings, trigger="manual")
     n = result.hours_in_month
     shapes = {t.key: t.shape for t in result.fleet}
     rows = []
@@ -86,3 +92,43 @@ def demo(seed: int, period: str | None, tenants: int) -> None:
                       f"{quote_name(tenant)} (up to {hosts} hosts)", markup=False)
     if not result.close.ok:
         fail(f"close-billing-period {result.close.status}: {result.close.error}")
+    _notices(ctx, seed=seed, tenants=tenants)
+
+
+def _notices(ctx: JobContext, *, seed: int, tenants: int) -> None:
+    """The current month: estimates, one budget alert, its webhook delivered locally."""
+    from billing.alerts import decimal_text
+    from billing.rules import format_money
+    from jobs.cli.console import out
+    from jobs.cli.usage import print_estimates
+    from jobs.synthetic.demo import run_demo_notices
+
+    now = datetime.now(UTC)
+    with out.status("current month: record, snapshot, estimate, alert, deliver"):
+        notes = run_demo_notices(ctx, now, seed=seed, tenants=tenants)
+    for job in (notes.snapshot, notes.estimate, notes.delivery):
+        if not job.ok:
+            fail(f"{job.job} {job.status}: {job.error}")
+    print_estimates(notes.estimates, period=notes.period, as_of=notes.as_of,
+                    zone=ctx.settings.zone, missing=notes.hours_missing)
+    alert = notes.alert
+    if alert is None:
+        out.print(f"no budget alert set: {quote_name(notes.tenant)} has no projected amount "
+                  f"in {notes.period} yet", markup=False)
+        return
+    state = alert.alert
+    currency = notes.estimates[0].mtd.currency if notes.estimates else ""
+    projected = next((e.projected for e in notes.estimates if e.tenant == notes.tenant), None)
+    shown = (f"{format_money(projected.total, projected.minor_units)} {currency}"
+             if projected is not None else "none")
+    out.print(f"budget alert: {quote_name(notes.tenant)} projected amount >= "
+              f"{decimal_text(state.threshold)} {currency} (projected {shown}); webhook endpoint "
+              f"{notes.endpoint_url} (started for this demo, removed after)", markup=False)
+    sent = [r for r in notes.received if r.event_type == "usage.threshold"]
+    for r in sent:
+        verdict = "signature verified" if r.signature_valid else "SIGNATURE INVALID"
+        out.print(f"delivered {r.event_type} {r.event_id} to {notes.endpoint_url}: HTTP "
+                  f"{r.answered}, {verdict}", markup=False)
+    if not sent:
+        out.print("no new event: this alert already crossed this month (one event per "
+                  "crossing; `hostmeter webhooks list` shows its delivery)", markup=False)

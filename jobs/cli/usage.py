@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the billing code is imported by the command that runs it
     from billing.estimate import Profile, TenantEstimate
     from billing.rules import Rating
 
-__all__ = ["usage_group"]
+__all__ = ["print_estimates", "usage_group"]
 
 
 @click.group("usage", cls=Group)
@@ -98,7 +98,6 @@ def estimate_cmd(tenants: tuple[str, ...], at: str | None, fmt: str) -> None:
     """
     from billing import estimate
     from billing import repository as repo
-    from billing.rules import format_money
     from metering.db import reading
 
     as_of = floor_hour(parse_at(at))
@@ -123,10 +122,21 @@ def estimate_cmd(tenants: tuple[str, ...], at: str | None, fmt: str) -> None:
             "tenants": [_json(e) for e in estimates],
         }, ensure_ascii=False))
         return
+    print_estimates(estimates, period=period, as_of=as_of, zone=zone, missing=len(missing))
+
+
+def print_estimates(estimates: list[TenantEstimate], *, period: str, as_of: datetime,
+                    zone: ZoneInfo, missing: int) -> None:
+    """The estimate table and its footer (as of, method, coverage), for ``usage estimate`` and
+    the demo."""
+    from billing import estimate
+    from billing.rules import format_money
+
+    prof = estimate.profile(period, as_of, zone)
     if not estimates:
         print_line(f"no tenant has a paid hour in {period} before {as_of.isoformat()} "
                    "(nothing to estimate)")
-        _footer(period, as_of, zone, prof, len(missing), None)
+        _footer(period, as_of, zone, prof, missing, None)
         return
     rows = []
     for e in estimates:
@@ -141,7 +151,7 @@ def estimate_cmd(tenants: tuple[str, ...], at: str | None, fmt: str) -> None:
                 ["tenant", "std hosts avg", "micro hosts avg", "MTD std/micro", "MTD amount",
                  "projected std/micro", "projected amount", "cur"], rows,
                 right=["MTD amount", "projected amount"])
-    _footer(period, as_of, zone, prof, len(missing), estimates[0])
+    _footer(period, as_of, zone, prof, missing, estimates[0])
 
 
 def _footer(period: str, as_of: datetime, zone: ZoneInfo, prof: Profile, missing: int,
