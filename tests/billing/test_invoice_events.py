@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from billingmonth import PERIOD, fleet, request
 from sqlalchemy.engine import Engine
 
 from billing import notices as n
@@ -18,7 +19,6 @@ from billing.rules import MonthSums, Rating, rate
 from billing.service import close_period, finalize_period, rerun_period
 from metering import models as m
 from metering.ingest import UsageRecorder
-from tests.billing.test_service import PERIOD, fleet, request
 
 
 def events(engine: Engine) -> list[dict[str, Any]]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from billingmonth import AFTER, END, PERIOD, START, fleet, request
 from sqlalchemy.engine import Engine
 
 from billing import models as bm
@@ -16,36 +16,12 @@ from billing import repository as repo
 from billing.catalog import Catalog
 from billing.errors import CoverageError, InvoiceImmutable, ReasonRequired, UnknownTenant
 from billing.rules import MonthSums, Rating, rate
-from billing.service import BillingRequest, close_period, finalize_period, rerun_period
+from billing.service import close_period, finalize_period, rerun_period
 from metering import models as m
 from metering.ingest import UsageRecorder
-from metering.records import HostPost, MonitorChange, PlanChange, Record
-from metering.settings import Settings
+from metering.records import MonitorChange, PlanChange
 from metering.snapshot import MetricLimits, snapshot_hours
-from metering.timeutil import HOUR, hours_between, month_bounds
-
-ZONE = Settings().zone
-PERIOD = "2026-02"  # 28 days: 672 hours, keeps the tests quick
-START, END = month_bounds(PERIOD, ZONE)
-AFTER = END + timedelta(hours=3)
-
-
-def request(**kw: Any) -> BillingRequest:
-    base: dict[str, Any] = dict(period=PERIOD, zone=ZONE, logical_time=AFTER,
-                                actor="ops@billing-1", run_id=f"r-{datetime.now().timestamp()}",
-                                now=datetime(2026, 3, 1, 0, 0, tzinfo=UTC))
-    base.update(kw)
-    return BillingRequest(**base)
-
-
-def fleet(tenant: str, hosts: int, *, plan: str = "standard", start: datetime = START,
-          end: datetime = END) -> list[Record]:
-    recs: list[Record] = [PlanChange(tenant=tenant, plan=plan, at=START)]
-    for h in hours_between(start, end):
-        for i in range(hosts):
-            recs.append(HostPost(tenant=tenant, host=f"{tenant}-{i}", kind="standard",
-                                 at=h + timedelta(minutes=1), metrics=("cpu", "mem")))
-    return recs
+from metering.timeutil import HOUR, hours_between
 
 
 def dump(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from billingmonth import fleet, request
 from sqlalchemy.engine import Engine
 
 from billing.service import close_period, finalize_period, rerun_period
@@ -18,7 +19,6 @@ from jobs.runtime.context import JobContext, JobResult, run_job
 from jobs.synthetic.receiver import Receiver
 from metering.ingest import UsageRecorder
 from metering.settings import Settings
-from tests.billing.test_service import fleet, request
 
 SECRET = "whsec-invoice-events-51d0"
 
