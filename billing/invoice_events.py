@@ -93,7 +93,8 @@ def written_events(writes: Sequence[RevisionWrite], *, period: str, action: str)
 
 
 def finalized_events(invoices: Sequence[FinalizedInvoice], *, period: str) -> list[Event]:
-    """One ``invoice.finalized`` per draft a finalize turned final."""
+    """One ``invoice.finalized`` per draft a finalize turned final (the event's ``created`` is
+    the moment it was finalized)."""
     return [
         Event(
             type="invoice.finalized", tenant=f.tenant, tenant_id=f.tenant_id,
@@ -102,8 +103,7 @@ def finalized_events(invoices: Sequence[FinalizedInvoice], *, period: str) -> li
                   "currency": f.currency, "standard_units": f.standard_units,
                   "micro_units": f.micro_units,
                   "subtotal": _money(f.subtotal, f.minor_units),
-                  "tax": _money(f.tax, f.minor_units), "total": _money(f.total, f.minor_units),
-                  "finalized_at": f.finalized_at.isoformat()},
+                  "tax": _money(f.tax, f.minor_units), "total": _money(f.total, f.minor_units)},
         )
         for f in invoices
     ]

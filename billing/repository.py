@@ -395,7 +395,6 @@ class FinalizedInvoice:
     subtotal: int
     tax: int
     total: int
-    finalized_at: datetime
 
 
 def finalize_drafts(
@@ -424,7 +423,7 @@ def finalize_drafts(
         (FinalizedInvoice(tenant=keys[r.tenant_id], tenant_id=r.tenant_id, revision=r.revision,
                           currency=r.currency, minor_units=r.minor_units,
                           standard_units=r.standard_units, micro_units=r.micro_units,
-                          subtotal=r.subtotal, tax=r.tax, total=r.total, finalized_at=at)
+                          subtotal=r.subtotal, tax=r.tax, total=r.total)
          for r in rows),
         key=lambda f: f.tenant,
     )

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-import billing.models  # noqa: F401  (registers the billing tables)
+import billing.models  # noqa: F401  (registers the billing tables, estimates and outbox too)
 import jobs.monitoring.store  # (registers the job-metrics tables)
 import jobs.runtime.ledger  # noqa: F401  (registers the run ledger)
 from metering import models as m
@@ -31,6 +31,7 @@ ATTEMPT_TABLES = frozenset({"job_runs", "billing_runs", "alembic_version"})
 VOLATILE = frozenset({
     "run_id", "started_at", "finished_at", "snapshotted_at", "created_at", "updated_at",
     "finalized_at", "voided_at", "pruned_at", "host", "pid", "deadline", "doubt_until",
+    "computed_at", "changed_at", "next_attempt_at", "last_attempt_at", "delivered_at",
 })
 """Columns that say when, or by which run, a row was written."""
 
@@ -56,6 +57,19 @@ def _key_of(table: sa.Table, column: sa.Column[Any], joins: list[Any],
         it = m.tenants.alias(f"it_{column.name}")
         joins += [(inv, column == inv.c.id), (it, inv.c.tenant_id == it.c.id)]
         select += [it.c.key.label(f"{column.name}_tenant"), inv.c.period, inv.c.revision]
+    elif target == "budget_alerts":
+        a = metadata.tables["budget_alerts"].alias(f"a_{column.name}")
+        at = m.tenants.alias(f"at_{column.name}")
+        joins += [(a, column == a.c.id), (at, a.c.tenant_id == at.c.id)]
+        select += [at.c.key.label(f"{column.name}_tenant"), a.c.measure]
+    elif target == "outbox_events":
+        e = metadata.tables["outbox_events"].alias(f"e_{column.name}")
+        joins.append((e, column == e.c.id))
+        select.append(e.c.event_id.label(f"{column.name}_event"))
+    elif target == "webhook_endpoints":
+        w = metadata.tables["webhook_endpoints"].alias(f"w_{column.name}")
+        joins.append((w, column == w.c.id))
+        select.append(w.c.url.label(f"{column.name}_url"))
     else:  # pragma: no cover - a new foreign key: teach this function its natural key
         raise AssertionError(f"{table.name}.{column.name} points at {target}")
     return table
@@ -85,6 +99,10 @@ def canonical(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
                 source = source.outerjoin(target, on)
             rows = conn.execute(sa.select(*select).select_from(source)).all()
             out[table.name] = sorted((tuple(_plain(v) for v in r) for r in rows), key=repr)
+            if table.name == "outbox_events":  # the body's "created" is when it was written
+                out[table.name] = [tuple({k: v for k, v in x.items() if k != "created"}
+                                         if isinstance(x, dict) else x for x in r)
+                                   for r in out[table.name]]
         conn.rollback()
     return out
 

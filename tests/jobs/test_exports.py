@@ -154,7 +154,8 @@ def test_demo_then_metrics_then_dashboard_as_a_user(db_url: str, tmp_path: Path)
 
     hm("demo", "--tenants", "12", "--period", "2026-10")
     first = json.loads(hm("metrics", "aggregate", "--format", "json").stdout)
-    assert first["runs"] == 2 and first["malformed_lines"] == 0  # snapshot + close
+    # snapshot + close, then the current month: snapshot, estimate-usage, deliver-webhooks
+    assert first["runs"] == 5 and first["malformed_lines"] == 0
     second = json.loads(hm("metrics", "aggregate", "--format", "json").stdout)
     assert second["runs"] == 1  # only the first aggregation's own job_finished is new
     hm("dashboard", "--out", "d.html")
