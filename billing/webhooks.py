@@ -51,7 +51,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from billing import notices as n
-from billing.errors import UnknownTenant, WebhookRefused
+from billing.errors import WebhookRefused
+from billing.repository import resolve_tenants
 from metering.display import quote_name
 from metering.models import tenants
 
@@ -169,10 +170,7 @@ def check_secret(secret: str) -> str:
 
 def tenant_id_of(conn: Connection, tenant: str) -> int:
     """The id of the tenant keyed ``tenant``, or :class:`UnknownTenant`."""
-    found = conn.execute(sa.select(tenants.c.id).where(tenants.c.key == tenant)).scalar()
-    if found is None:
-        raise UnknownTenant(f"unknown tenant {quote_name(tenant)}", tenant=tenant)
-    return int(found)
+    return resolve_tenants(conn, [tenant])[tenant]
 
 
 def _endpoints_query() -> sa.Select[Any]:

@@ -120,7 +120,7 @@ def test_add_from_a_file_stdin_or_the_environment(hm: Any, with_tenants: dict[st
 @pytest.mark.parametrize(("args", "message"), [
     (["--url", "http://hooks.example.com/h", "--tenant", "acme"], "must use https"),
     (["--url", "https://", "--tenant", "acme"], "not an https"),
-    (["--url", "https://h.example/h", "--tenant", "nobody"], "unknown tenant 'nobody'"),
+    (["--url", "https://h.example/h", "--tenant", "nobody"], "unknown tenant(s): 'nobody'"),
     (["--url", "https://h.example/h"], "exactly one of --tenant T or --global"),
     (["--url", "https://h.example/h", "--tenant", "acme", "--global"], "exactly one of"),
 ])
@@ -249,7 +249,7 @@ def test_dead_after_the_window_then_listed_and_redelivered(
     ([], "give delivery IDs or --all-failed"),
     (["1", "--all-failed"], "give delivery IDs or --all-failed"),
     (["1", "--tenant", "acme"], "--tenant goes with --all-failed"),
-    (["--all-failed", "--tenant", "nobody"], "unknown tenant 'nobody'"),
+    (["--all-failed", "--tenant", "nobody"], "unknown tenant(s): 'nobody'"),
 ])
 def test_redeliver_refuses_what_it_cannot_do(hm: Any, with_tenants: dict[str, int],
                                               args: list[str], message: str) -> None:
