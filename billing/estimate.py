@@ -294,6 +294,24 @@ def store(
                                                run_id=run_id))
 
 
+def thin(conn: Connection, *, before: datetime) -> int:
+    """Bound the hourly history: of the rows with ``as_of`` before ``before``, delete every row
+    but each (period, tenant)'s latest. ``prune-usage`` passes the start of the previous
+    billing month, so the current and the previous month keep every hour (what the dashboard
+    draws) and older months keep their last estimate. One statement; running it again deletes
+    nothing more. Returns the rows deleted."""
+    ue = n.usage_estimates
+    later = ue.alias("later")
+    return int(conn.execute(
+        sa.delete(ue).where(
+            ue.c.as_of < as_utc(before),
+            sa.exists().where(later.c.period == ue.c.period,
+                              later.c.tenant_id == ue.c.tenant_id,
+                              later.c.as_of > ue.c.as_of),
+        ).execution_options(preserve_rowcount=True)
+    ).rowcount)
+
+
 Series = tuple[tuple[datetime, int], ...]
 """``(as_of, projected total in minor units)``, oldest first."""
 

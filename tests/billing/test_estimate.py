@@ -313,3 +313,39 @@ def test_store_replaces_the_rows_of_the_same_as_of(engine: Engine) -> None:
                               as_of=local(3)) == 0
     assert sorted(r[0] for r in _stored(engine)) == ids
     assert {r[1] for r in _stored(engine)} == {local(4)}
+
+
+def test_thin_keeps_each_old_months_last_estimate_and_every_recent_hour(engine: Engine) -> None:
+    """Before the cut-off only the last estimate of each (month, tenant) stays; from the
+    cut-off on every hour stays; thinning again deletes nothing."""
+    zone = ZoneInfo("Asia/Tokyo")
+    months = {p: month_bounds(p, zone) for p in ("2026-08", "2026-09", "2026-10")}
+    with engine.begin() as conn:
+        ids = [conn.execute(sa.insert(m.tenants).values(key=k).returning(m.tenants.c.id))
+               .scalar_one() for k in ("acme", "initech")]
+        rows = []
+        for period, (first, end) in months.items():
+            for as_of in (first + HOUR, first + 2 * HOUR, end - HOUR, end):
+                for tid in ids:
+                    rows.append({
+                        "period": period, "tenant_id": tid, "as_of": as_of,
+                        "hours_in_month": 744, "hours_elapsed": 1, "paid_hours": 1,
+                        "catalog_version": "2019-10", "currency": "JPY", "minor_units": 0,
+                        "mtd_standard_units": 1, "mtd_micro_units": 0, "mtd_total": 1833,
+                        "projected_standard_units": 1, "projected_micro_units": 0,
+                        "projected_total": 1833, "method": "last_day", "computed_at": NOW,
+                        "run_id": "r"})
+        conn.execute(sa.insert(n.usage_estimates), rows)
+    before = months["2026-10"][0]  # the start of the previous month when the run is in November
+    with engine.begin() as conn:
+        assert estimate.thin(conn, before=before) == 2 * 2 * 3  # Aug and Sep: 3 of 4 rows each
+    ue = n.usage_estimates
+    with engine.connect() as conn:
+        left = conn.execute(sa.select(ue.c.period, ue.c.as_of)
+                            .where(ue.c.tenant_id == ids[0]).order_by(ue.c.as_of)).all()
+    assert [(p, a) for p, a in left] == [
+        ("2026-08", months["2026-08"][1]), ("2026-09", months["2026-09"][1]),
+        *[("2026-10", a) for a in (months["2026-10"][0] + HOUR, months["2026-10"][0] + 2 * HOUR,
+                                   months["2026-10"][1] - HOUR, months["2026-10"][1])]]
+    with engine.begin() as conn:
+        assert estimate.thin(conn, before=before) == 0

@@ -91,3 +91,30 @@ def test_retention_setting_is_validated(value: str) -> None:
     with pytest.raises(ConfigError, match="HOSTMETER_RETENTION_DAYS"):
         Settings.from_env({"HOSTMETER_RETENTION_DAYS": value})
     assert Settings.from_env({"HOSTMETER_RETENTION_DAYS": "800"}).retention_days == 800
+
+
+def test_prune_thins_the_hourly_estimates_of_months_before_the_previous(
+        engine: Engine, db_url: str) -> None:
+    from billing import notices as n
+
+    settings = Settings(database_url=db_url)
+    seed(engine)
+    close_period(engine, BillingRequest(period="2026-09", zone=ZONE, logical_time=OCT[1],
+                                        actor="t@h", run_id="close-sep", now=OCT[1]))
+    for at in (SEPT[0] + timedelta(days=9, minutes=15), SEPT[0] + timedelta(days=9, hours=1,
+                                                                              minutes=15)):
+        ran = execute(engine, settings, RunRequest(job="estimate-usage", scheduled_time=at))
+        assert ran.status == "succeeded" and ran.counts["rows_stored"] == 1
+
+    # In October the previous month is September: every hour of it stays.
+    early = execute(engine, settings, RunRequest(
+        job="prune-usage", scheduled_time=datetime(2026, 10, 20, 4, 30, tzinfo=UTC)))
+    assert early.status == "succeeded" and early.counts["estimates_thinned"] == 0
+    # In November the previous month is October: September keeps its last estimate only.
+    out = execute(engine, settings, RunRequest(
+        job="prune-usage", scheduled_time=datetime(2026, 11, 20, 4, 30, tzinfo=UTC)))
+    assert out.status == "succeeded" and out.counts["estimates_thinned"] == 1
+    ue = n.usage_estimates
+    with engine.connect() as conn:
+        kept = conn.execute(sa.select(ue.c.period, ue.c.as_of).order_by(ue.c.as_of)).all()
+    assert [tuple(r) for r in kept] == [("2026-09", SEPT[0] + timedelta(days=9, hours=1))]
