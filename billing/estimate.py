@@ -328,9 +328,12 @@ class EstimateHistory:
     tenants: tuple[tuple[str, Series], ...]
 
 
-def history(conn: Connection, *, period: str, top: int = 5) -> EstimateHistory | None:
+def history(conn: Connection, *, period: str, top: int = 5,
+            tenants: Sequence[str] = ()) -> EstimateHistory | None:
     """The stored estimates of ``period`` (``None`` when there are none): three statements,
-    the fleet's sums per hour, the top tenants at the latest hour, and their series."""
+    the fleet's sums per hour, the top tenants at the latest hour (or the ``tenants`` named,
+    in that order; an unknown key raises :class:`~billing.errors.UnknownTenant`), and their
+    series."""
     ue, t = n.usage_estimates, m.tenants
     fleet = conn.execute(
         sa.select(ue.c.as_of, sa.func.sum(ue.c.projected_total), sa.func.min(ue.c.currency),
@@ -339,11 +342,16 @@ def history(conn: Connection, *, period: str, top: int = 5) -> EstimateHistory |
     if not fleet:
         return None
     latest = fleet[-1][0]
-    leaders = conn.execute(
-        sa.select(ue.c.tenant_id, t.c.key)
-        .join(t, t.c.id == ue.c.tenant_id)
-        .where(ue.c.period == period, ue.c.as_of == latest)
-        .order_by(ue.c.projected_total.desc(), t.c.key).limit(top)).all()
+    if tenants:
+        order = list(dict.fromkeys(tenants))
+        named = repo.resolve_tenants(conn, order)
+        leaders = [(named[key], key) for key in order]
+    else:
+        leaders = [(tid, key) for tid, key in conn.execute(
+            sa.select(ue.c.tenant_id, t.c.key)
+            .join(t, t.c.id == ue.c.tenant_id)
+            .where(ue.c.period == period, ue.c.as_of == latest)
+            .order_by(ue.c.projected_total.desc(), t.c.key).limit(top))]
     series: dict[int, list[tuple[datetime, int]]] = {tid: [] for tid, _ in leaders}
     if leaders:
         for tid, as_of, total in conn.execute(

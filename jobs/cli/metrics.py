@@ -98,9 +98,14 @@ def _until_interrupted(stop: Callable[[], object]) -> None:
               default=Path("dashboard.html"), show_default=True, help="Write the page here.")
 @click.option("--serve", "do_serve", is_flag=True, help="Serve it on localhost instead.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8050, show_default=True)
-def dashboard_command(out_path: Path, do_serve: bool, port: int) -> None:
+@click.option("--tenant", "tenants", multiple=True, metavar="ID",
+              help="Draw this tenant's projected bill over the month (repeatable; default: "
+              "the five largest).")
+def dashboard_command(out_path: Path, do_serve: bool, port: int,
+                      tenants: tuple[str, ...]) -> None:
     """One self-contained HTML page: job durations, runs by status, tenants expected vs
-    processed, snapshot coverage, billed units and amounts, top tenants, failed runs.
+    processed, snapshot coverage, billed units and amounts, top tenants, failed runs, and
+    this month's projected bill (the fleet's and each tenant's, hour by hour).
 
     Run `hostmeter metrics aggregate` first: the page shows the aggregated job logs.
     """
@@ -111,9 +116,16 @@ def dashboard_command(out_path: Path, do_serve: bool, port: int) -> None:
     engine = state.engine()
 
     def build():  # type: ignore[no-untyped-def]
-        return dashboard_data(engine, state.settings.zone, now=datetime.now(UTC))
+        return dashboard_data(engine, state.settings.zone, now=datetime.now(UTC),
+                              tenants=tenants)
 
     if do_serve:
+        if tenants:  # refuse an unknown tenant now, not at every page load
+            from billing.repository import resolve_tenants
+            from metering.db import reading
+
+            with reading(engine) as conn:
+                resolve_tenants(conn, tenants)
         server, bound = serve(port, build)
         click.echo(f"serving http://127.0.0.1:{bound}/ ; Ctrl-C to stop", err=True)
         _until_interrupted(server.stop)

@@ -539,15 +539,17 @@ def _estimates(est: MonthEstimates | None) -> str:
                          [("Fleet (sum over tenants)", COLORS["estimate.fleet"], est.fleet)],
                          t0, t1, est.currency)
     colors = [_JOB_PALETTE[i % len(_JOB_PALETTE)] for i in range(len(est.tenants))]
+    which = "chosen" if est.chosen else "largest"
     tenants = (_money_lines("estimates_tenants",
-                            f"Projected bill of the largest tenants, {est.period}",
+                            f"Projected bill of the {which} tenants, {est.period}",
                             [(k, c, pts) for (k, pts), c in zip(est.tenants, colors,
                                                                 strict=True)],
                             t0, t1, est.currency)
                if est.tenants else _empty("No tenant estimates."))
     return (f'<p class="note">{_e(note)}</p><div class="cells">'
             f'<div class="cell" data-series="fleet"><h3>Fleet</h3>{fleet}</div>'
-            f'<div class="cell" data-series="tenants"><h3>Largest tenants</h3>{tenants}</div>'
+            f'<div class="cell" data-series="tenants"><h3>{which.capitalize()} tenants</h3>'
+            f"{tenants}</div>"
             "</div>")
 
 

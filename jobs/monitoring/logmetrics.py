@@ -740,14 +740,15 @@ def completeness(conn: Connection, *, now: datetime, runs: int = COMPLETENESS_RU
     return out
 
 
-def month_estimates(conn: Connection, zone: Any, *, now: datetime,
-                    top: int = 5) -> MonthEstimates | None:
+def month_estimates(conn: Connection, zone: Any, *, now: datetime, top: int = 5,
+                    tenants: Sequence[str] = ()) -> MonthEstimates | None:
     """The usage estimates stored for the month ``estimate-usage`` estimates at ``now``: the
-    fleet's projected total per hour and the ``top`` tenants' (``None``: none stored)."""
+    fleet's projected total per hour and the ``top`` tenants' (or those of ``tenants``)
+    (``None``: none stored)."""
     from billing.estimate import history, period_at
 
     period = period_at(now, zone)
-    stored = history(conn, period=period, top=top)
+    stored = history(conn, period=period, top=top, tenants=tenants)
     if stored is None:
         return None
     start, end = month_bounds(period, zone)
@@ -758,18 +759,21 @@ def month_estimates(conn: Connection, zone: Any, *, now: datetime,
 
     return MonthEstimates(period=period, start=start, end=end, currency=stored.currency,
                           fleet=money(stored.fleet),
-                          tenants=tuple((k, money(s)) for k, s in stored.tenants))
+                          tenants=tuple((k, money(s)) for k, s in stored.tenants),
+                          chosen=bool(tenants))
 
 
-def dashboard_data(engine: Engine, zone: Any, *, now: datetime,
-                   runs: int = 2000) -> DashboardData:
+def dashboard_data(engine: Engine, zone: Any, *, now: datetime, runs: int = 2000,
+                   tenants: Sequence[str] = ()) -> DashboardData:
+    """Everything the dashboard draws; ``tenants`` picks whose estimates are drawn over the
+    month (default: the five largest)."""
     with reading(engine) as conn:
         facts = _runs(conn, runs)
         fleet = capacity(conn)
         ranked = growth_rankings(conn)
         noisy = noisy_flags(conn, now=now)
         complete = completeness(conn, now=now)
-        estimates = month_estimates(conn, zone, now=now)
+        estimates = month_estimates(conn, zone, now=now, tenants=tenants)
     month_list = months(engine, zone)
     top = _top_tenants(engine, month_list[-1].period, 10) if month_list else []
     return DashboardData(generated_at=now, runs=tuple(facts), jobs=tuple(job_statuses(engine)),

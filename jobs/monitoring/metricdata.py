@@ -93,6 +93,8 @@ class MonthEstimates:
     currency: str
     fleet: tuple[tuple[datetime, Decimal], ...]
     tenants: tuple[tuple[str, tuple[tuple[datetime, Decimal], ...]], ...] = ()
+    chosen: bool = False
+    """``tenants`` are the ones asked for (``hostmeter dashboard --tenant``), not the largest."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

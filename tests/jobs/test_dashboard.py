@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 from test_logmetrics import finished
 from test_tenant_series import ingested, tenant_hour
 
+from billing.errors import UnknownTenant
 from jobs.monitoring import dashboard
 from jobs.monitoring import logmetrics as lm
 from jobs.monitoring.metricdata import (
@@ -473,6 +474,15 @@ def test_estimates_panel_reads_what_estimate_usage_stored(engine: Engine) -> Non
     page = dashboard.render(lm.dashboard_data(engine, zone, now=now))
     assert 'data-chart="estimates_tenants"' in page and HOSTILE_NAME not in page
     assert lm.dashboard_data(engine, zone, now=EST_END + timedelta(days=3)).estimates is None
+
+    # A tenant asked for by name (hostmeter dashboard --tenant) instead of the largest ones.
+    chosen = lm.dashboard_data(engine, zone, now=now, tenants=(HOSTILE_NAME,))
+    assert chosen.estimates is not None and chosen.estimates.chosen
+    assert [(k, [v for _, v in pts]) for k, pts in chosen.estimates.tenants] == [
+        (HOSTILE_NAME, [Decimal(1833)] * 3)]
+    assert "<h3>Chosen tenants</h3>" in dashboard.render(chosen)
+    with pytest.raises(UnknownTenant):
+        lm.dashboard_data(engine, zone, now=now, tenants=("nobody",))
 
 
 # --- the server -------------------------------------------------------------------------------
