@@ -412,17 +412,13 @@ def _latest_estimate(conn: Connection, tenant_id: int, period: str) -> dict[str,
 
 
 def set_alert(conn: Connection, *, tenant: str, measure: str, threshold: Decimal,
-              now: datetime, actor: str, zone: ZoneInfo | None = None) -> AlertSet:
+              now: datetime, actor: str, zone: ZoneInfo) -> AlertSet:
     """Set ``tenant``'s ``measure`` threshold (insert or update), then evaluate it against
     the tenant's latest stored estimate of the period ``now`` falls in (``zone``: the billing
-    time zone, default ``HOSTMETER_BILLING_TZ``), in the caller's transaction.
+    time zone), in the caller's transaction.
 
     Raises :class:`~billing.errors.UnknownTenant` and
     :class:`~billing.errors.InvalidThreshold` (see :func:`parse_threshold`)."""
-    if zone is None:
-        from metering.settings import Settings
-
-        zone = Settings.from_env().zone
     period = period_of(now, zone)
     catalog = catalog_for(period)
     threshold = parse_threshold(measure, threshold, minor_units=catalog.minor_units,
