@@ -79,7 +79,6 @@ __all__ = [
     "redeliver",
     "remove_endpoint",
     "retry_at",
-    "tenant_id_of",
 ]
 
 BASE_DELAY = timedelta(seconds=60)
@@ -168,11 +167,6 @@ def check_secret(secret: str) -> str:
     return secret
 
 
-def tenant_id_of(conn: Connection, tenant: str) -> int:
-    """The id of the tenant keyed ``tenant``, or :class:`UnknownTenant`."""
-    return resolve_tenants(conn, [tenant])[tenant]
-
-
 def _endpoints_query() -> sa.Select[Any]:
     return (sa.select(_ep.c.id, tenants.c.key.label("tenant"), _ep.c.url, _ep.c.enabled,
                       _ep.c.created_at, _ep.c.created_by, _ep.c.disabled_at)
@@ -192,7 +186,7 @@ def add_endpoint(conn: Connection, *, url: str, secret: str, tenant: str | None,
     tenant (or global) is refused: it would receive every event twice."""
     url = check_url(url)
     secret = check_secret(secret)
-    tenant_id = None if tenant is None else tenant_id_of(conn, tenant)
+    tenant_id = None if tenant is None else resolve_tenants(conn, [tenant])[tenant]
     same = conn.execute(
         sa.select(_ep.c.id).where(_ep.c.url == url, _ep.c.enabled.is_(True),
                                   _ep.c.tenant_id.is_(None) if tenant_id is None
@@ -450,7 +444,7 @@ def list_deliveries(conn: Connection, *, status: str | None = None, tenant: str 
     if status is not None:
         q = q.where(_dl.c.status == status)
     if tenant is not None:
-        q = q.where(_dl.c.tenant_id == tenant_id_of(conn, tenant))
+        q = q.where(_dl.c.tenant_id == resolve_tenants(conn, [tenant])[tenant])
     q = q.order_by(_dl.c.id.desc()).limit(limit)
     return [DeliveryRow(**r._mapping) for r in conn.execute(q)]
 
@@ -480,7 +474,7 @@ def redeliver(conn: Connection, ids: Sequence[int] = (), *, all_failed: bool = F
     if all_failed:
         q = q.where(_dl.c.status == "dead", _ep.c.enabled.is_(True))
         if tenant is not None:
-            q = q.where(_dl.c.tenant_id == tenant_id_of(conn, tenant))
+            q = q.where(_dl.c.tenant_id == resolve_tenants(conn, [tenant])[tenant])
     else:
         q = q.where(_dl.c.id.in_(list(ids)))
     rows = {r.id: r for r in conn.execute(q.order_by(_dl.c.id))}
