@@ -15,8 +15,6 @@ dry run, which bills no one, logs none.
 
 from __future__ import annotations
 
-import getpass
-import socket
 from datetime import datetime
 from typing import Any
 
@@ -27,20 +25,11 @@ from billing.service import (
     finalize_period,
     rerun_period,
 )
-from jobs.runtime.context import JobContext
+from jobs.runtime.context import JobContext, actor
 from jobs.runtime.logconfig import item_events
 from metering.timeutil import previous_period
 
-__all__ = ["actor", "close", "finalize", "period_for", "rerun"]
-
-
-def actor() -> str:
-    """``user@host`` of whoever runs this process (recorded on every billing run)."""
-    try:
-        user = getpass.getuser()
-    except Exception:  # no login name in some containers
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+__all__ = ["close", "finalize", "period_for", "rerun"]
 
 
 def period_for(ctx: JobContext, logical_time: datetime) -> str:

@@ -77,7 +77,7 @@ def set_cmd(tenant: str, amount: str | None, standard_units: str | None,
     """
     from billing.alerts import parse_threshold, set_alert
     from billing.catalog import catalog_for
-    from jobs.billing_jobs import actor
+    from jobs.runtime.context import actor
     from metering.timeutil import period_of
 
     given = dict(zip([m for m, _ in _OPTIONS], (amount, standard_units, micro_units),

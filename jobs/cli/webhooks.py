@@ -88,7 +88,7 @@ def add_cmd(url: str, tenant: str | None, is_global: bool, secret_file: str | No
           --secret-file hook.secret
     """
     from billing import webhooks as wh
-    from jobs.billing_jobs import actor
+    from jobs.runtime.context import actor
 
     if (tenant is None) == (not is_global):
         fail("give exactly one of --tenant T or --global", EXIT_BAD_INPUT)

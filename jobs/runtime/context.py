@@ -12,6 +12,8 @@ cut short, password hidden — never SQLAlchemy's SQL text or bound parameters.
 
 from __future__ import annotations
 
+import getpass
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -25,7 +27,17 @@ from sqlalchemy.engine import Engine
 from metering.db import describe_error
 from metering.settings import Settings
 
-__all__ = ["JobContext", "JobResult", "new_run_id", "run_job"]
+__all__ = ["JobContext", "JobResult", "actor", "new_run_id", "run_job"]
+
+
+def actor() -> str:
+    """``user@host`` of whoever runs this process (recorded on every billing run, and on
+    every budget alert and webhook endpoint set by hand)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 def new_run_id() -> str:
