@@ -210,14 +210,16 @@ def compute(
     zone: ZoneInfo,
     catalogs: Sequence[Catalog] | None = None,
     tenant_ids: Sequence[int] | None = None,
+    missing: Sequence[datetime] | None = None,
 ) -> list[TenantEstimate]:
     """Every tenant (of ``tenant_ids``, default all) with a paid hour in ``[start, as_of)``:
-    its month to date and projection, by tenant key. Reads only."""
+    its month to date and projection, by tenant key. Reads only. ``missing``: the hours
+    :func:`hours_missing` already found, when the caller has asked (not asked again)."""
     as_of = as_utc(as_of)
     start, end = _check_as_of(period, as_of, zone)
     catalog = catalog_for(period, catalogs)
     n_hours = _hours(start, end)
-    gaps = missing_hours(conn, start, as_of)
+    gaps = list(missing) if missing is not None else missing_hours(conn, start, as_of)
     if gaps:
         log.warning("estimate_hours_missing", period=period, as_of=as_of.isoformat(),
                     hours=len(gaps), first=gaps[0].isoformat(), last=gaps[-1].isoformat())

@@ -40,7 +40,8 @@ def run(ctx: JobContext, logical_time: datetime) -> dict[str, Any]:
     now = ctx.clock()
     with ctx.engine.begin() as conn:
         missing = estimate.hours_missing(conn, period=period, as_of=as_of, zone=zone)
-        estimates = estimate.compute(conn, period=period, as_of=as_of, zone=zone)
+        estimates = estimate.compute(conn, period=period, as_of=as_of, zone=zone,
+                                     missing=missing)
         stored = estimate.store(conn, estimates, computed_at=now, run_id=ctx.run_id,
                                 period=period, as_of=as_of)
         rows = [

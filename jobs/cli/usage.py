@@ -109,7 +109,7 @@ def estimate_cmd(tenants: tuple[str, ...], at: str | None, fmt: str) -> None:
         ids = list(repo.resolve_tenants(conn, tenants).values()) if tenants else None
         missing = estimate.hours_missing(conn, period=period, as_of=as_of, zone=zone)
         estimates = estimate.compute(conn, period=period, as_of=as_of, zone=zone,
-                                     tenant_ids=ids)
+                                     tenant_ids=ids, missing=missing)
     prof = estimate.profile(period, as_of, zone)
     if fmt == "json":
         first, end = month_bounds(period, zone)

@@ -165,7 +165,8 @@ def run_demo_notices(ctx: JobContext, now: datetime, *, seed: int = 1, tenants: 
             remove_endpoint(conn, endpoint.id, now=ctx.clock())
     with reading(engine) as conn:
         missing = estimate.hours_missing(conn, period=period, as_of=as_of, zone=zone)
-        estimates = estimate.compute(conn, period=period, as_of=as_of, zone=zone)
+        estimates = estimate.compute(conn, period=period, as_of=as_of, zone=zone,
+                                     missing=missing)
     return DemoNotices(
         period=period, as_of=as_of, snapshot=snapshot, estimates=estimates,
         hours_missing=len(missing), estimate=estimated, tenant=tenant, alert=alert,
