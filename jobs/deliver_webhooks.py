@@ -181,6 +181,7 @@ def _deliver(ctx: JobContext, transport: httpx.BaseTransport | None) -> dict[str
             round_ = deque(d for d in heads if (d.id, d.attempts) not in tried)
             if not round_:
                 break
+            register_secrets({d.secret for d in round_})  # once a round, not once a POST
             while round_:
                 if time.monotonic() - started >= settings.webhook_run_s:
                     out_of_time = True
@@ -189,7 +190,6 @@ def _deliver(ctx: JobContext, transport: httpx.BaseTransport | None) -> dict[str
                 if d.endpoint_id in skipped:
                     continue
                 tried.add((d.id, d.attempts))
-                register_secrets([d.secret])
                 at = ctx.clock()
                 result = attempt(client, d, at=at, window=window,
                                  timeout_s=settings.webhook_timeout_s)
